@@ -14,6 +14,7 @@ code can use them on codebooks loaded from `codebooks.safetensors`, without a mo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import NamedTuple
@@ -269,6 +270,7 @@ def save_codebooks(path: str | os.PathLike, codebooks: torch.Tensor) -> None:
     """Write (M, K, D) codebooks to a safetensors file with their shape in the metadata, atomically."""
     from safetensors.torch import save_file
 
+    codebooks = codebooks.detach().float().cpu().contiguous()
     num_codebooks, codebook_size, subvector_dim = codebooks.shape
     metadata = {
         "format": CODEBOOKS_FORMAT,
@@ -276,9 +278,10 @@ def save_codebooks(path: str | os.PathLike, codebooks: torch.Tensor) -> None:
         "num_codebooks": str(num_codebooks),
         "codebook_size": str(codebook_size),
         "subvector_dim": str(subvector_dim),
+        "sha256": _tensor_sha256(codebooks),
     }
     temporary = f"{path}.tmp-{os.getpid()}"
-    save_file({"codebooks": codebooks.detach().float().cpu().contiguous()}, temporary, metadata=metadata)
+    save_file({"codebooks": codebooks}, temporary, metadata=metadata)
     os.replace(temporary, path)
 
 
@@ -301,7 +304,16 @@ def load_codebooks(path: str | os.PathLike) -> torch.Tensor:
             f"{path} is not a valid MeCoQ codebooks file: format {metadata.get('format')!r} (expected "
             f"{CODEBOOKS_FORMAT!r}), tensor shape {tuple(codebooks.shape)} vs metadata {expected}."
         )
+    if "sha256" in metadata and _tensor_sha256(codebooks) != metadata["sha256"]:
+        raise ValueError(
+            f"{path} was altered after it was saved: the codebooks' sha256 does not match the recorded one. "
+            "Download the file again or re-save it with `model.save_pretrained`."
+        )
     return codebooks
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.float().contiguous().numpy().tobytes()).hexdigest()
 
 
 __all__ = [

@@ -1,0 +1,128 @@
+"""Product quantizer: soft/hard assignment, encode/decode, lookup tables and codebook files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mecoq_hf.quantization import (
+    ProductQuantizer,
+    asymmetric_scores,
+    code_dtype,
+    decode_codes,
+    load_codebooks,
+    lookup_tables,
+    save_codebooks,
+    symmetric_scores,
+)
+
+
+@pytest.fixture
+def quantizer() -> ProductQuantizer:
+    torch.manual_seed(0)
+    return ProductQuantizer(dim=12, num_codebooks=3, codebook_size=8, softmax_scale=10.0)
+
+
+def test_soft_quantization_matches_definition(quantizer):
+    z = torch.randn(5, 12)
+    soft = quantizer(z)
+    codebooks = F.normalize(quantizer.codebooks, dim=-1)
+    for b in range(5):
+        for m in range(3):
+            sub = F.normalize(z[b, 4 * m : 4 * m + 4], dim=0)
+            probabilities = torch.softmax(10.0 * codebooks[m] @ sub, dim=0)
+            assert torch.allclose(soft.assignments[b, m], probabilities, atol=1e-6)
+            assert torch.allclose(soft.reconstruction[b, 4 * m : 4 * m + 4], probabilities @ codebooks[m], atol=1e-6)
+            assert soft.codes[b, m] == int(torch.argmax(codebooks[m] @ sub))
+    # Each soft sub-vector is a convex combination of unit vectors: norm <= 1.
+    assert (soft.reconstruction.reshape(5, 3, 4).norm(dim=-1) <= 1 + 1e-6).all()
+
+
+def test_encode_decode_equals_hard_quantization(quantizer):
+    z = torch.randn(7, 12)
+    codes = quantizer.encode(z)
+    assert codes.dtype == torch.uint8 and codes.shape == (7, 3)
+    assert torch.equal(codes, quantizer(z).codes)
+    decoded = quantizer.decode(codes)
+    codebooks = quantizer.normalized_codebooks()
+    expected = torch.cat([codebooks[m, codes[:, m].long()] for m in range(3)], dim=1)
+    assert torch.equal(decoded, expected)
+    # Hard code of a decoded vector is the same code (codewords are their own nearest neighbours).
+    assert torch.equal(quantizer.encode(decoded), codes)
+    # With a very large softmax scale the soft reconstruction converges to the hard one.
+    sharp = ProductQuantizer(12, 3, 8, softmax_scale=1e4)
+    sharp.load_state_dict(quantizer.state_dict())
+    assert torch.allclose(sharp(z).reconstruction, decoded, atol=1e-4)
+
+
+def test_codes_are_scale_invariant_per_subvector(quantizer):
+    z = torch.randn(4, 12)
+    scaled = z.reshape(4, 3, 4) * torch.tensor([0.1, 5.0, 30.0])[None, :, None]
+    assert torch.equal(quantizer.encode(scaled.reshape(4, 12)), quantizer.encode(z))
+
+
+def test_asymmetric_scores_equal_dot_with_decoded(quantizer):
+    queries, database = torch.randn(6, 12), torch.randn(20, 12)
+    codes = quantizer.encode(database)
+    tables = quantizer.lookup_tables(queries)
+    scores = asymmetric_scores(tables, codes)
+    assert torch.allclose(scores, queries @ quantizer.decode(codes).T, atol=1e-5)
+    normalized = asymmetric_scores(quantizer.lookup_tables(queries, normalize_query_subvectors=True), codes)
+    unit_queries = F.normalize(queries.reshape(6, 3, 4), dim=-1).reshape(6, 12)
+    assert torch.allclose(normalized, unit_queries @ quantizer.decode(codes).T, atol=1e-5)
+
+
+def test_symmetric_scores_equal_dot_of_decoded(quantizer):
+    query_codes = quantizer.encode(torch.randn(5, 12))
+    codes = quantizer.encode(torch.randn(9, 12))
+    codebooks = quantizer.normalized_codebooks()
+    expected = decode_codes(query_codes, codebooks) @ decode_codes(codes, codebooks).T
+    assert torch.allclose(symmetric_scores(query_codes, codes, codebooks), expected, atol=1e-5)
+
+
+def test_code_dtype_widens_with_codebook_size():
+    assert code_dtype(256) == torch.uint8
+    assert code_dtype(257) == torch.int16
+    assert code_dtype(2**16) == torch.int32
+    big = ProductQuantizer(dim=8, num_codebooks=2, codebook_size=300)
+    assert big.encode(torch.randn(3, 8)).dtype == torch.int16
+
+
+def test_trainable_flag_controls_gradient():
+    frozen = ProductQuantizer(8, 2, 4, trainable=False)
+    frozen(torch.randn(3, 8, requires_grad=True)).reconstruction.sum().backward()
+    assert frozen.codebooks.grad is None
+    trainable = ProductQuantizer(8, 2, 4, trainable=True)
+    trainable(torch.randn(3, 8)).reconstruction.sum().backward()
+    assert trainable.codebooks.grad is not None and trainable.codebooks.grad.abs().sum() > 0
+
+
+def test_bad_shapes_give_clear_errors(quantizer):
+    with pytest.raises(ValueError, match="not divisible"):
+        quantizer(torch.randn(2, 10))
+    with pytest.raises(ValueError, match="multiple of num_codebooks"):
+        ProductQuantizer(dim=10, num_codebooks=3)
+    with pytest.raises(ValueError, match=r"\(Q, 12\)"):
+        lookup_tables(torch.randn(2, 8), quantizer.normalized_codebooks())
+    with pytest.raises(ValueError, match=r"lie in \[0, 7\]"):
+        quantizer.decode(torch.tensor([[0, 1, 9]], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="M=3"):
+        quantizer.decode(torch.zeros(2, 2, dtype=torch.uint8))
+
+
+def test_codebook_file_round_trip_and_corruption(tmp_path, quantizer):
+    path = tmp_path / "codebooks.safetensors"
+    save_codebooks(path, quantizer.normalized_codebooks())
+    loaded = load_codebooks(path)
+    assert torch.equal(loaded, quantizer.normalized_codebooks())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_codebooks(path)
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"codebooks": torch.zeros(2, 4, 3)}, other, metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="not a valid MeCoQ codebooks file"):
+        load_codebooks(other)
