@@ -197,3 +197,18 @@ def test_trust_remote_code_works_without_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-CODE-OK" in result.stdout and "transformers_modules" in result.stdout
+
+
+def test_precomputed_backbone_features_give_the_same_loss_as_images():
+    model = tiny_model("official").eval()
+    first, second = views()
+    from_images = model(first, second)
+    with torch.no_grad():
+        features, features_2 = model.backbone(first), model.backbone(second)
+    from_features = model(features=features, features_2=features_2)
+    assert torch.equal(from_images.loss, from_features.loss)
+    assert torch.equal(from_images.codes, from_features.codes)
+    with pytest.raises(ValueError, match="exactly one of `pixel_values`"):
+        model(first, features=features)
+    with pytest.raises(ValueError, match=r"\(B, 256\)"):
+        model(features=features[:, :10])

@@ -180,10 +180,12 @@ class MeCoQModel(MeCoQPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         pixel_values_2: torch.Tensor | None = None,
         use_memory: bool = False,
         return_dict: bool | None = None,
+        features: torch.Tensor | None = None,
+        features_2: torch.Tensor | None = None,
     ) -> MeCoQModelOutput | tuple:
         """Quantize one view, or compute the MeCoQ training loss from two augmented views.
 
@@ -193,24 +195,42 @@ class MeCoQModel(MeCoQPreTrainedModel):
             use_memory: use the code memory's entries as extra negatives (the training loop turns this on
                 from `config.memory_start_epoch`). The memory is updated separately (`update_memory`).
             return_dict: return a `MeCoQModelOutput` (default) or a tuple.
+            features, features_2: (B, F) backbone features given instead of images. With a frozen backbone they
+                can be computed once and cached, which makes head training far cheaper on a CPU.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        embeddings = self.embed(pixel_values)  # (B, d)
+        features = self._features(pixel_values, features, "pixel_values", "features")
+        second = pixel_values_2 is not None or features_2 is not None
+        features_2 = self._features(pixel_values_2, features_2, "pixel_values_2", "features_2") if second else None
+        if features_2 is not None and features_2.shape != features.shape:
+            raise ValueError(
+                f"Both views must have the same shape, got {tuple(features.shape)} and {tuple(features_2.shape)} "
+                "after the backbone. Pass two views of the same images at the same resolution."
+            )
+        embeddings = self.projection(features)  # (B, d)
         soft = self.quantizer(embeddings)
         output = MeCoQModelOutput(
             embeddings=embeddings, quantized=soft.reconstruction, assignments=soft.assignments, codes=soft.codes
         )
-        if pixel_values_2 is not None:
-            if pixel_values_2.shape != pixel_values.shape:
-                raise ValueError(
-                    f"Both views must have the same shape, got {tuple(pixel_values.shape)} and "
-                    f"{tuple(pixel_values_2.shape)}."
-                )
-            soft_2 = self.quantizer(self.embed(pixel_values_2))
+        if features_2 is not None:
+            soft_2 = self.quantizer(self.projection(features_2))
             losses = self.loss(soft.reconstruction, soft_2.reconstruction, soft.assignments, soft_2.assignments, use_memory)
             output.loss, output.contrastive_loss, output.entropy, output.codeword_diversity = losses
             output.quantized_2, output.assignments_2 = soft_2.reconstruction, soft_2.assignments
         return output if return_dict else output.to_tuple()
+
+    def _features(self, pixel_values: torch.Tensor | None, features: torch.Tensor | None, image_name: str, name: str):
+        """(B, F) backbone features from images, or the given precomputed features (exactly one of the two)."""
+        if (pixel_values is None) == (features is None):
+            raise ValueError(f"Pass exactly one of `{image_name}` (images) and `{name}` (backbone features).")
+        if features is None:
+            return self.backbone(pixel_values)
+        if features.ndim != 2 or features.shape[1] != self.backbone.num_features:
+            raise ValueError(
+                f"`{name}` must have shape (B, {self.backbone.num_features}) (the backbone's pooled features), "
+                f"got {tuple(features.shape)}."
+            )
+        return features
 
     def loss(
         self,
