@@ -1,4 +1,8 @@
-"""Tests for mecoq_hf.data on real images: Fashion-MNIST (Debian package) and foolbox's photo fixtures."""
+"""Tests for mecoq_hf.data on real images: Fashion-MNIST (Debian package) and foolbox's photo fixtures.
+
+Also the package's one RGB conversion, `to_rgb_image` (image_processing_mecoq), which every decoded image
+goes through before any transform.
+"""
 
 from __future__ import annotations
 
@@ -15,28 +19,20 @@ import PIL.Image
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
-from torchvision import transforms as T
 
 from mecoq_hf.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     BadImageError,
-    TwoViewTransform,
-    build_eval_transform,
-    build_train_transform,
-    cifar10_protocol_splits,
-    flickr25k_splits,
     load_fashion_mnist,
     load_image_dataset,
-    load_multilabel_list,
     make_eval_dataloader,
     make_train_dataloader,
-    nuswide_splits,
     read_idx,
-    read_multilabel_list,
-    retrieval_splits,
-    to_rgb,
 )
+from mecoq_hf.image_processing_mecoq import to_rgb_image
+from mecoq_hf.splits import retrieval_splits
+from mecoq_hf.transforms import build_eval_transform, build_train_transform
 
 LITE0_CONFIG = {  # what timm resolves for tf_efficientnet_lite0
     "input_size": (3, 224, 224),
@@ -57,10 +53,6 @@ if not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file():
 def foolbox_data_dir() -> Path | None:
     spec = importlib.util.find_spec("foolbox")  # locating only: foolbox is never imported
     return Path(next(iter(spec.submodule_search_locations)), "data") if spec else None
-
-
-def index_set(split: Dataset) -> set[int]:
-    return set(split["index"][:])
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -242,127 +234,7 @@ def test_loader_reports_or_skips_bad_images_at_run_time(folder_with_corrupt_file
         list(make_eval_dataloader(unchecked, transform, batch_size=4, on_bad_image="skip"))
 
 
-# splits
-
-
-def test_retrieval_splits_sizes_disjointness_balance(fmnist_test):
-    splits = retrieval_splits(fmnist_test, num_query=1000, num_validation=200, num_train=500, seed=3)
-    sizes = {name: len(split) for name, split in splits.items()}
-    assert sizes == {"query": 1000, "validation": 200, "database": 8800, "train": 500}
-    query, validation, database, train = (
-        index_set(splits[name]) for name in ("query", "validation", "database", "train")
-    )
-    assert not query & validation and not query & database and not validation & database
-    assert query | validation | database == set(range(10_000))
-    assert train <= database
-    for name, per_class in (("query", 100), ("validation", 20), ("train", 50)):
-        assert np.bincount(splits[name]["label"][:]).tolist() == [per_class] * 10
-    row = splits["query"][7]  # the index column maps a split row back to its source row
-    np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(fmnist_test[row["index"]]["image"]))
-
-
-def test_retrieval_splits_are_reproducible_by_seed(fmnist_test):
-    first, again, other = (
-        retrieval_splits(fmnist_test, num_query=100, num_validation=50, num_train=100, seed=seed)
-        for seed in (0, 0, 1)
-    )
-    assert all(first[name]["index"][:] == again[name]["index"][:] for name in first)
-    assert first["query"]["index"][:] != other["query"]["index"][:]
-
-
-def test_retrieval_splits_options(fmnist_test):
-    uneven = retrieval_splits(fmnist_test, num_query=15, num_validation=0, num_train=None, seed=0)
-    counts = np.bincount(uneven["query"]["label"][:], minlength=10)
-    assert counts.sum() == 15 and set(counts.tolist()) == {1, 2}
-    assert len(uneven["validation"]) == 0 and uneven["train"]["index"][:] == uneven["database"]["index"][:]
-
-    apart = retrieval_splits(
-        fmnist_test, num_query=100, num_validation=100, num_train=300, train_from_database=False
-    )
-    assert not index_set(apart["train"]) & index_set(apart["database"]) and len(apart["database"]) == 9500
-
-    unstratified = retrieval_splits(
-        fmnist_test, num_query=100, num_validation=0, num_train=10, per_class=False
-    )
-    assert len(unstratified["query"]) == 100 and np.bincount(unstratified["query"]["label"][:]).std() > 0
-    with pytest.raises(ValueError, match="num_query must be a non-negative"):
-        retrieval_splits(fmnist_test, num_query=-1, num_validation=0, num_train=None)
-    with pytest.raises(ValueError, match="class 0 has 1000 left, needs 1001"):
-        retrieval_splits(fmnist_test, num_query=10_010, num_validation=0, num_train=None)
-
-
-def test_cifar10_protocols(fmnist_train):
-    # Fashion-MNIST train has CIFAR-10's shape: 10 classes x 6,000 images.
-    one = cifar10_protocol_splits(fmnist_train, "I")
-    two = cifar10_protocol_splits(fmnist_train, "II")
-    assert {name: len(split) for name, split in one.items()} == {
-        "query": 10_000,
-        "validation": 0,
-        "database": 50_000,
-        "train": 50_000,
-    }
-    assert one["query"]["index"][:] == two["query"]["index"][:]
-    assert np.bincount(two["query"]["label"][:]).tolist() == [1000] * 10
-    assert np.bincount(two["train"]["label"][:]).tolist() == [500] * 10
-    assert index_set(two["train"]) <= index_set(two["database"])
-    assert not index_set(two["query"]) & index_set(two["database"])
-    held_out = cifar10_protocol_splits(fmnist_train, "II", num_validation=100)
-    assert held_out["train"]["index"][:] == two["train"]["index"][:] and len(held_out["database"]) == 49_900
-    assert not index_set(held_out["validation"]) & (
-        index_set(held_out["database"]) | index_set(held_out["query"])
-    )
-
-
-def test_flickr25k_protocol(fmnist_test):
-    splits = flickr25k_splits(fmnist_test)
-    order = np.random.RandomState(2021).permutation(10_000)
-    assert splits["query"]["index"][:] == sorted(order[:2000].tolist())
-    assert splits["train"]["index"][:] == sorted(order[2000:7000].tolist())
-    assert len(splits["database"]) == 8000 and index_set(splits["train"]) <= index_set(splits["database"])
-
-
-def test_multilabel_lists(fmnist_test, tmp_path):
-    root = tmp_path / "Flickr"
-    for position in range(5):
-        (root / f"concept{position % 2}").mkdir(parents=True, exist_ok=True)
-        fmnist_test[position]["image"].save(root / f"concept{position % 2}" / f"{position}.png")
-    lists = tmp_path / "lists"
-    lists.mkdir()
-    (lists / "test.txt").write_text("concept0/0.png 1 0 1\nconcept1/1.png 0 1 0\n")
-    (lists / "database.txt").write_text(
-        "concept0/2.png 0 0 1\n\nconcept1/3.png 1 1 0\nconcept0/4.png 0 0 0\n"
-    )
-    splits = nuswide_splits(root, lists)
-    assert {name: len(split) for name, split in splits.items()} == {
-        "query": 2,
-        "validation": 0,
-        "database": 3,
-        "train": 3,
-    }
-    assert splits["database"]["labels"][:] == [[0, 0, 1], [1, 1, 0], [0, 0, 0]]
-    np.testing.assert_array_equal(
-        np.asarray(splits["query"][1]["image"]), np.asarray(fmnist_test[1]["image"])
-    )
-    batch = next(
-        iter(make_eval_dataloader(splits["database"], build_eval_transform(LITE0_CONFIG, 16), batch_size=3))
-    )
-    assert batch["labels"].shape == (3, 3) and batch["labels"].dtype == torch.int64
-    assert batch["labels"].tolist() == [[0, 0, 1], [1, 1, 0], [0, 0, 0]] and batch["index"].tolist() == [
-        0,
-        1,
-        2,
-    ]
-
-    (lists / "bad.txt").write_text("a.png 0 1 0\nb.png 0 2 0\n")
-    with pytest.raises(ValueError, match="line 2: expected a path and 3 0/1 labels"):
-        read_multilabel_list(lists / "bad.txt")
-    (lists / "img.txt").write_text("concept0/0.png\nconcept1/1.png\n")
-    (lists / "targets.txt").write_text("1 0 0 1\n0 1 1 0\n")
-    flickr_style = load_multilabel_list(lists / "img.txt", root, labels_file=lists / "targets.txt")
-    assert flickr_style["labels"][:] == [[1, 0, 0, 1], [0, 1, 1, 0]]
-
-
-# transforms
+# RGB conversion (to_rgb_image)
 
 
 @pytest.mark.parametrize(
@@ -381,64 +253,51 @@ def test_multilabel_lists(fmnist_test, tmp_path):
         ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
     ],
 )
-def test_to_rgb_modes(mode, value, expected):
-    image = to_rgb(PIL.Image.new(mode, (5, 4), value))
+def test_to_rgb_image_modes(mode, value, expected):
+    image = to_rgb_image(PIL.Image.new(mode, (5, 4), value))
     assert image.mode == "RGB" and image.size == (5, 4) and image.getpixel((2, 2)) == expected
 
 
-def test_to_rgb_palette_with_transparency():
+def test_to_rgb_image_palette_with_transparency():
     palette = PIL.Image.new("P", (3, 3), 0)
     palette.putpalette([200, 10, 10] + [0, 0, 0] * 255)
-    assert to_rgb(palette).getpixel((0, 0)) == (200, 10, 10)
+    assert to_rgb_image(palette).getpixel((0, 0)) == (200, 10, 10)
     palette.info["transparency"] = 0
-    assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb_image(palette).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_train_transform_follows_the_recipe(fmnist_test):
-    transform = build_train_transform(32, IMAGENET_MEAN, IMAGENET_STD)
-    steps = {type(step).__name__: step for step in transform.transforms}
-    assert steps["RandomResizedCrop"].size == (32, 32) and steps["RandomResizedCrop"].scale == (0.5, 1.0)
-    jitter, blur = (step for step in transform.transforms if isinstance(step, T.RandomApply))
-    assert jitter.p == 0.7 and isinstance(jitter.transforms[0], T.ColorJitter)
-    assert jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
-    assert (
-        blur.p == 0.5 and blur.transforms[0].kernel_size == (3, 3) and blur.transforms[0].sigma == (0.1, 2.0)
-    )
-    assert steps["RandomGrayscale"].p == 0.2 and steps["RandomHorizontalFlip"].p == 0.5
-    assert tuple(steps["Normalize"].mean) == IMAGENET_MEAN and tuple(steps["Normalize"].std) == IMAGENET_STD
-
-    torch.manual_seed(0)
-    view_1, view_2 = TwoViewTransform(transform)(fmnist_test[0]["image"])  # grey 28x28 source
-    assert view_1.shape == view_2.shape == (3, 32, 32) and view_1.dtype == torch.float32
-    assert not torch.equal(view_1, view_2)
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("I;16B", 257 * 30, (30, 30, 30)),  # big-endian 16-bit grey
+        ("RGBa", (10, 20, 30, 0), (255, 255, 255)),  # premultiplied alpha, fully transparent
+        ("La", (40, 255), (40, 40, 40)),
+        ("F", 200.0, (200, 200, 200)),  # float above 1 is taken as 0-255
+        ("I", 70_000, (255, 255, 255)),  # 16-bit overflow clips to white
+    ],
+)
+def test_to_rgb_image_more_modes(mode, value, expected):
+    image = to_rgb_image(PIL.Image.new(mode, (5, 4), value))
+    assert image.mode == "RGB" and image.size == (5, 4) and image.getpixel((2, 2)) == expected
 
 
-def test_eval_transform_sizes_channels_and_normalisation(fmnist_test):
-    grey = build_eval_transform(LITE0_CONFIG, image_size=64)(fmnist_test[0]["image"])
-    assert grey.shape == (3, 64, 64) and grey.dtype == torch.float32
-    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-    assert build_eval_transform(LITE0_CONFIG)(fmnist_test[0]["image"]).shape == (3, 224, 224)
-
-    flat = PIL.Image.new("L", (28, 28), 128)
-    out = build_eval_transform(LITE0_CONFIG, image_size=32)(flat)
-    torch.testing.assert_close(out, torch.full((3, 32, 32), (128 / 255 - 0.5) / 0.5), atol=1e-5, rtol=0)
-    imagenet = build_eval_transform(
-        {**LITE0_CONFIG, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, image_size=32
-    )
-    per_channel = imagenet(flat).mean(dim=(1, 2))
-    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(per_channel, expected, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="input_size"):
-        build_eval_transform({"mean": IMAGENET_MEAN})
+def test_to_rgb_image_scales_wide_grey_by_a_fixed_factor_not_per_image():
+    dark = PIL.Image.fromarray(np.array([[0, 257 * 10], [257 * 20, 257 * 40]], dtype=np.uint16))  # I;16
+    assert dark.mode == "I;16"
+    assert np.asarray(to_rgb_image(dark))[..., 0].tolist() == [[0, 10], [20, 40]]  # not stretched to 255
 
 
-def test_eval_transform_on_real_photos():
-    folder = foolbox_data_dir()
-    if folder is None:
-        pytest.skip("foolbox==3.3.4 is not installed")
-    photo = PIL.Image.open(sorted(folder.glob("imagenet_*"))[0])
-    assert min(photo.size) >= 224
-    assert build_eval_transform(LITE0_CONFIG, image_size=48)(photo).shape == (3, 48, 48)
+def test_to_rgb_image_accepts_arrays_and_tensors(fmnist_test):
+    grey = np.asarray(fmnist_test[0]["image"])  # (28, 28) uint8
+    expected = np.repeat(grey[..., None], 3, axis=2)  # (28, 28, 3)
+    for image in (grey, grey[..., None], torch.from_numpy(grey.copy())[None]):  # (H, W), (H, W, 1), (1, H, W)
+        np.testing.assert_array_equal(np.asarray(to_rgb_image(image)), expected)
+    rgb = np.dstack([grey, grey[::-1], grey.T])  # (28, 28, 3)
+    np.testing.assert_array_equal(np.asarray(to_rgb_image(torch.from_numpy(rgb).permute(2, 0, 1))), rgb)
+    with pytest.raises(TypeError, match="uint8"):
+        to_rgb_image(grey.astype(np.float32))
+    with pytest.raises(TypeError, match="PIL image"):
+        to_rgb_image("image.png")
 
 
 # torch side

@@ -1,4 +1,4 @@
-"""Images into tensors for MeCoQ: loading, retrieval splits, view recipe, DataLoaders (METHOD.md §3, §8).
+"""Images into tensors for MeCoQ: loading datasets in one normal form, and the torch side (METHOD.md §3, §8).
 
 Every function works on a `datasets.Dataset` in one normal form:
 
@@ -10,6 +10,9 @@ Every function works on a `datasets.Dataset` in one normal form:
 
 The torch side decodes images itself (from the `{"bytes", "path"}` values of an `Image(decode=False)` column),
 so an unreadable file is reported with its path and is raised or skipped as asked (`on_bad_image`).
+
+Retrieval splits and the paper protocols live in `mecoq_hf.splits`; the view recipe and the evaluation
+transform in `mecoq_hf.transforms`.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from datasets import (
     load_from_disk,
 )
 from datasets import config as datasets_config
-from timm.data import create_transform
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
+
+from .transforms import TwoViewTransform
 
 logger = logging.getLogger(__name__)
 
@@ -347,312 +350,6 @@ def check_images(dataset: Dataset, *, on_bad_image: BadImagePolicy = "raise") ->
     return dataset.select([row for row in range(len(dataset)) if row not in problems])
 
 
-# retrieval splits
-
-
-def _single_labels(dataset: Dataset) -> np.ndarray | None:
-    """(N,) class ids when the dataset has a single-label `label` column, else None."""
-    if "label" not in dataset.column_names:
-        return None
-    table = dataset.select_columns(["label"]).with_format("arrow")[:]  # fast, honours a select() mapping
-    return table["label"].to_numpy().astype(np.int64)
-
-
-def _check_counts(**counts: int) -> None:
-    for name, count in counts.items():
-        if not isinstance(count, (int, np.integer)) or count < 0:
-            raise ValueError(f"{name} must be a non-negative number of images, got {count!r}.")
-
-
-def _even_shares(total: int, parts: int) -> list[int]:
-    """Split `total` into `parts` counts that differ by at most one (the first ones get the remainder)."""
-    return [total // parts + (part < total % parts) for part in range(parts)]
-
-
-class _Pools:
-    """Per-class (or one global) seeded permutations, consumed from the front in equal per-class shares."""
-
-    def __init__(self, labels: np.ndarray | None, count: int, rng: np.random.Generator) -> None:
-        classes = np.unique(labels) if labels is not None else [None]
-        self.names = [f"class {c}" if c is not None else "the dataset" for c in classes]
-        self.pools = [
-            rng.permutation(np.arange(count) if c is None else np.flatnonzero(labels == c)) for c in classes
-        ]
-        self.cursors = [0] * len(self.pools)
-
-    def take(self, total: int, what: str) -> np.ndarray:
-        taken = []
-        for position, share in enumerate(_even_shares(total, len(self.pools))):
-            pool, cursor = self.pools[position], self.cursors[position]
-            if cursor + share > len(pool):
-                raise ValueError(
-                    f"Not enough images for {what}: {self.names[position]} has {len(pool) - cursor} left, "
-                    f"needs {share}. Ask for fewer images or pass per_class=False."
-                )
-            taken.append(pool[cursor : cursor + share])
-            self.cursors[position] += share
-        return np.concatenate(taken)
-
-    def rest(self) -> np.ndarray:
-        return np.concatenate([pool[cursor:] for pool, cursor in zip(self.pools, self.cursors, strict=True)])
-
-
-def _to_splits(dataset: Dataset, positions: dict[str, np.ndarray]) -> DatasetDict:
-    """Select each split's rows in ascending source order; the `index` column travels with them."""
-    if "index" not in dataset.column_names:
-        dataset = dataset.add_column("index", np.arange(len(dataset), dtype=np.int64))
-    return DatasetDict({name: dataset.select(np.sort(rows)) for name, rows in positions.items()})
-
-
-def retrieval_splits(
-    dataset: Dataset,
-    *,
-    num_query: int,
-    num_validation: int,
-    num_train: int | None,
-    seed: int = 0,
-    per_class: bool = True,
-    train_from_database: bool = True,
-) -> DatasetDict:
-    """Seeded `query` / `validation` / `database` / `train` splits for unsupervised retrieval.
-
-    query, validation and database are pairwise disjoint and together cover the dataset. Validation is the
-    held-out query set for model selection, so the query (test) set is never used to pick a checkpoint.
-    With single labels and `per_class`, every split draws equal shares per class (1,000 queries on 10
-    classes -> 100 per class); with multi-hot or no labels the draw is one global permutation.
-
-    Args:
-        num_query / num_validation (`int`): sizes of the query and validation sets.
-        num_train (`int` or `None`): training-set size; None -> the whole database.
-        seed (`int`): seed of `numpy.random.default_rng`; the same seed gives the same splits.
-        per_class (`bool`): stratify by class when single labels exist.
-        train_from_database (`bool`): True -> train is a subset of the database (CIFAR-10 II, Flickr25K);
-            False -> train is drawn first and is disjoint from the database.
-    """
-    _check_counts(num_query=num_query, num_validation=num_validation, num_train=num_train or 0)
-    labels = _single_labels(dataset) if per_class else None
-    pools = _Pools(labels, len(dataset), np.random.default_rng(seed))
-    positions = {
-        "query": pools.take(num_query, "the query set"),
-        "validation": pools.take(num_validation, "validation"),
-    }
-    if not train_from_database:
-        if num_train is None:
-            raise ValueError("num_train=None (train = database) needs train_from_database=True.")
-        positions["train"] = pools.take(num_train, "the training set")
-        positions["database"] = pools.rest()
-    else:
-        positions["database"] = pools.rest()
-        positions["train"] = (
-            positions["database"] if num_train is None else pools.take(num_train, "the training set")
-        )
-    return _to_splits(dataset, positions)
-
-
-def cifar10_protocol_splits(
-    dataset: Dataset, protocol: Literal["I", "II"], *, seed: int = 2021, num_validation: int = 0
-) -> DatasetDict:
-    """CIFAR-10 protocols of METHOD.md §8 on the merged 60k images (official train then test, `label` column).
-
-    Each class (in label order) is permuted with `numpy.random.RandomState(seed)`: the first 1,000 -> query;
-    I: the rest -> database = train; II: positions 1000-1499 -> train, 1000-end -> database. The paper has no
-    validation set (it selects on the query set); `num_validation` images (equal shares per class) are taken
-    from the end of each class permutation and removed from database and train (query and II-train unchanged).
-    """
-    if protocol not in ("I", "II"):
-        raise ValueError(f"CIFAR-10 protocol must be 'I' or 'II', got {protocol!r}.")
-    _check_counts(num_validation=num_validation)
-    labels = _single_labels(dataset)
-    if labels is None:
-        raise ValueError(
-            f"CIFAR-10 protocols need a single-label 'label' column; columns: {dataset.column_names}."
-        )
-    classes = np.unique(labels)
-    rng = np.random.RandomState(seed)  # legacy generator, as in the official code
-    splits: dict[str, list[np.ndarray]] = {"query": [], "validation": [], "database": [], "train": []}
-    for label, held_out in zip(classes, _even_shares(num_validation, len(classes)), strict=True):
-        order = rng.permutation(np.flatnonzero(labels == label))
-        kept = order[: len(order) - held_out]
-        if len(kept) < 1500:
-            raise ValueError(
-                f"Class {label} keeps {len(kept)} images after validation; CIFAR-10 protocols need >= 1500."
-            )
-        splits["query"].append(kept[:1000])
-        splits["validation"].append(order[len(kept) :])
-        splits["database"].append(kept[1000:])
-        splits["train"].append(kept[1000:1500] if protocol == "II" else kept[1000:])
-    return _to_splits(dataset, {name: np.concatenate(rows) for name, rows in splits.items()})
-
-
-def flickr25k_splits(
-    dataset: Dataset,
-    *,
-    seed: int = 2021,
-    num_query: int = 2000,
-    num_train: int = 5000,
-    num_validation: int = 0,
-) -> DatasetDict:
-    """Flickr25K protocol (METHOD.md §8): one `RandomState(seed)` permutation of all rows (unlabelled ones
-    included); the first `num_query` -> query, the rest -> database, its first `num_train` -> train.
-    `num_validation` rows from the end of the permutation are held out of database and train."""
-    _check_counts(num_query=num_query, num_train=num_train, num_validation=num_validation)
-    order = np.random.RandomState(seed).permutation(len(dataset))
-    kept = order[: len(order) - num_validation]
-    if len(kept) < num_query + num_train:
-        raise ValueError(
-            f"Flickr25K splits need >= {num_query + num_train + num_validation} rows, got {len(dataset)}."
-        )
-    database = kept[num_query:]
-    positions = {"query": kept[:num_query], "validation": order[len(kept) :], "database": database}
-    return _to_splits(dataset, positions | {"train": database[:num_train]})
-
-
-def read_multilabel_list(
-    path: str | os.PathLike, *, num_labels: int | None = None
-) -> tuple[list[str], np.ndarray]:
-    """Parse "relative/path.jpg 0 1 0 ..." lines (NUS-WIDE lists) into paths and an (N, C) int8 multi-hot.
-
-    The last `num_labels` tokens of a line are the labels (inferred from the first line when None).
-    """
-    paths, rows = [], []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        num_labels = len(tokens) - 1 if num_labels is None else num_labels
-        if (
-            num_labels < 1
-            or len(tokens) <= num_labels
-            or any(token not in ("0", "1") for token in tokens[-num_labels:])
-        ):
-            raise ValueError(
-                f"{path}, line {number}: expected a path and {num_labels} 0/1 labels, got {line.strip()!r}."
-            )
-        paths.append(" ".join(tokens[:-num_labels]))
-        rows.append([int(token) for token in tokens[-num_labels:]])
-    if not paths:
-        raise ValueError(f"{path} lists no images: the dataset would be empty.")
-    return paths, np.asarray(rows, dtype=np.int8)
-
-
-def load_multilabel_list(
-    list_file: str | os.PathLike,
-    image_root: str | os.PathLike,
-    *,
-    labels_file: str | os.PathLike | None = None,
-) -> Dataset:
-    """A multi-label dataset from list files: NUS-WIDE style ("path + labels" per line) or, with
-    `labels_file`, Flickr25K style (paths in `img.txt`, label rows in `targets.txt`). Images load lazily."""
-    if labels_file is None:
-        paths, labels = read_multilabel_list(list_file)
-    else:
-        paths = [line.strip() for line in Path(list_file).read_text().splitlines() if line.strip()]
-        labels = np.loadtxt(labels_file, dtype=np.int8, ndmin=2)
-        if labels.shape[0] != len(paths):
-            raise ValueError(
-                f"{list_file} lists {len(paths)} images but {labels_file} has {labels.shape[0]} label rows."
-            )
-    columns = {
-        "image": [str(Path(image_root) / p) for p in paths],
-        "labels": labels,
-        "index": np.arange(len(paths)),
-    }
-    features = Features({"image": Image(), "labels": List(Value("int8")), "index": Value("int64")})
-    return Dataset.from_dict(columns, features=features)
-
-
-def nuswide_splits(image_root: str | os.PathLike, list_dir: str | os.PathLike) -> DatasetDict:
-    """NUS-WIDE from the fixed lists `test.txt` (query), `database.txt` and `train.txt` (METHOD.md §8).
-    `train.txt` falls back to the database list when absent (the official lists are identical). The
-    validation split is empty: the fixed protocol has none. `index` is the entry's position in its list."""
-    list_dir = Path(list_dir)
-    database = load_multilabel_list(list_dir / "database.txt", image_root)
-    train = (
-        load_multilabel_list(list_dir / "train.txt", image_root)
-        if (list_dir / "train.txt").is_file()
-        else database
-    )
-    return DatasetDict(
-        query=load_multilabel_list(list_dir / "test.txt", image_root),
-        validation=database.select([]),
-        database=database,
-        train=train,
-    )
-
-
-# transforms (METHOD.md §3)
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode -> RGB. Transparent pixels are composited onto white; 16-bit grey ("I;16") is scaled by
-    1/257; "I" is treated as 16-bit when it exceeds 255; float ("F") images in [0, 1] are scaled by 255."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or (image.mode == "I" and values.max() > 255):
-            values = values / 257.0
-        elif image.mode == "F" and values.max() <= 1.0:
-            values = values * 255.0
-        image = PIL.Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
-
-
-def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """One draw of the MeCoQ view recipe (METHOD.md §3.1); wrap it in `TwoViewTransform` for the two views.
-
-    The backbone's mean/std are passed in: (0.5, 0.5, 0.5) for EfficientNet-Lite, ImageNet statistics for
-    the paper's VGG-16. The 3x3 blur runs on the PIL image with torchvision instead of OpenCV.
-    """
-    return T.Compose([
-        to_rgb,
-        T.RandomResizedCrop(image_size, scale=(0.5, 1.0)),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.7),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel_size=3, sigma=(0.1, 2.0))], p=0.5),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])  # fmt: skip
-
-
-class TwoViewTransform:
-    """Applies one random transform twice, independently: image -> (view 1, view 2), each (3, H, W)."""
-
-    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(image), self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"TwoViewTransform({self.transform!r})"
-
-
-def build_eval_transform(data_config: dict[str, Any], image_size: int | None = None) -> T.Compose:
-    """Query/database transform from a timm data config (`resolve_model_data_config` or the saved
-    preprocessor config): RGB, resize to size / crop_pct, centre crop, ToTensor, Normalize.
-
-    `image_size` overrides the config's input size (e.g. 64 px for fast CPU runs). The output is always
-    (3, image_size, image_size), also for images smaller than that (28x28 Fashion-MNIST is upsampled).
-    """
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    config = {key: data_config[key] for key in keys if key in data_config}
-    if image_size is not None:
-        config["input_size"] = (3, image_size, image_size)
-    if "input_size" not in config:
-        raise ValueError(
-            f"The data config has no 'input_size' (keys: {sorted(data_config)}); pass image_size=."
-        )
-    return T.Compose([to_rgb, *create_transform(**config, is_training=False).transforms])
-
-
 # torch side
 
 
@@ -775,24 +472,14 @@ __all__ = [
     "FASHION_MNIST_ROOT",
     "BadImageError",
     "ImageDataset",
-    "TwoViewTransform",
-    "build_eval_transform",
-    "build_train_transform",
     "check_images",
-    "cifar10_protocol_splits",
     "collate_eval",
     "collate_train",
     "dataset_from_arrays",
     "decode_image",
-    "flickr25k_splits",
     "load_fashion_mnist",
     "load_image_dataset",
-    "load_multilabel_list",
     "make_eval_dataloader",
     "make_train_dataloader",
-    "nuswide_splits",
     "read_idx",
-    "read_multilabel_list",
-    "retrieval_splits",
-    "to_rgb",
 ]

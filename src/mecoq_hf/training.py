@@ -32,10 +32,12 @@ from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 
 from .configuration_mecoq import MeCoQConfig
-from .data import build_eval_transform, build_train_transform, make_eval_dataloader, make_train_dataloader
-from .encoding import encode_dataset
+from .data import make_eval_dataloader, make_train_dataloader
+from .encoding import EncodedDataset, encode_dataset
 from .evaluation import evaluate_codes
+from .feature_cache import CachedViewPairs, compute_features, compute_view_features
 from .modeling_mecoq import MeCoQModel
+from .transforms import build_eval_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ class TrainingArguments:
         resume: continue from the newest checkpoint in `output_dir/checkpoints`.
         memory_pointer: "nominal" advances the memory pointer by the nominal global batch even after a short
             last batch (reference behaviour), "actual" by the number of codes written.
+        cached_views: 0 runs the backbone on fresh augmentations every step. N >= 2 (frozen backbone only)
+            computes N augmented views per training image once and trains the head on random pairs of them,
+            and caches the validation features too: much faster on a CPU (see `feature_cache.py`).
         num_workers, on_bad_image: DataLoader workers; "raise" or "skip" for unreadable images.
         log_every_steps, report_to, progress_bar: JSON-lines logging cadence, Accelerate trackers ("auto":
             TensorBoard when installed), and a tqdm bar on the main process.
@@ -101,6 +106,7 @@ class TrainingArguments:
     keep_checkpoints: int = 2
     resume: bool = False
     memory_pointer: str = "nominal"
+    cached_views: int = 0
     num_workers: int = 0
     on_bad_image: str = "raise"
     log_every_steps: int = 10
@@ -116,6 +122,8 @@ class TrainingArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}.")
+        if self.cached_views == 1 or self.cached_views < 0:
+            raise ValueError(f"cached_views must be 0 (off) or >= 2 views per image, got {self.cached_views}.")
         if self.learning_rate <= 0 or self.backbone_lr_scale < 0:
             raise ValueError(
                 f"learning_rate must be > 0 and backbone_lr_scale >= 0, got {self.learning_rate} and "
@@ -243,34 +251,60 @@ def _write_json(path: Path, payload: Any) -> None:
 # evaluation
 
 
-def validation_map(
-    model: MeCoQModel,
-    accelerator: Accelerator,
-    queries: Dataset,
-    database: Dataset,
-    top_k: int | None,
-    batch_size: int,
-    num_workers: int = 0,
-) -> float:
-    """mAP@top_k of the validation queries against the database's hard codes (asymmetric, as configured)."""
-    network = accelerator.unwrap_model(model)
-    transform = build_eval_transform(network.backbone.data_config)
-    loaders = [make_eval_dataloader(split, transform, batch_size, num_workers) for split in (queries, database)]
-    encoded_queries = encode_dataset(model, loaders[0], accelerator, method="embed", show_progress_bar=False)
-    encoded_database = encode_dataset(model, loaders[1], accelerator, method="encode", show_progress_bar=False)
-    for encoded, side in ((encoded_queries, "validation queries"), (encoded_database, "database")):
-        if encoded.labels is None:
-            raise ValueError(f"The {side} have no labels: model selection by mAP needs a `label` or `labels` column.")
-    return evaluate_codes(
-        encoded_queries.outputs,
-        encoded_database.outputs,
-        network.codebooks(),
-        encoded_queries.labels,
-        encoded_database.labels,
-        top_k=min(top_k, len(database)) if top_k is not None else None,
-        distance=network.config.distance,
-        normalize_query_subvectors=network.config.normalize_query_subvectors,
-    )
+class ValidationSet:
+    """Labelled validation queries and database for model selection by mAP@top_k.
+
+    With a frozen backbone the backbone features of both splits are computed once (`cache_features`), and each
+    evaluation only re-runs the projection and the quantizer; otherwise the images are encoded every time.
+    """
+
+    def __init__(self, queries: Dataset, database: Dataset, top_k: int | None, batch_size: int, num_workers: int = 0):
+        self.queries, self.database = queries, database
+        self.top_k = min(top_k, len(database)) if top_k is not None else None
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.features: tuple[EncodedDataset, EncodedDataset] | None = None
+
+    def cache_features(self, network: MeCoQModel, accelerator: Accelerator) -> None:
+        transform = build_eval_transform(network.backbone.data_config)
+        self.features = tuple(
+            compute_features(network.backbone, split, transform, batch_size=self.batch_size, accelerator=accelerator,
+                             show_progress_bar=False)  # fmt: skip
+            for split in (self.queries, self.database)
+        )
+
+    def mean_average_precision(self, model: torch.nn.Module, accelerator: Accelerator) -> float:
+        network: MeCoQModel = accelerator.unwrap_model(model)
+        if self.features is not None:
+            queries, database = self._encode_features(network, *self.features)
+        else:
+            queries, database = self._encode_images(model, network, accelerator)
+        for encoded, side in ((queries, "validation queries"), (database, "database")):
+            if encoded.labels is None:
+                raise ValueError(f"The {side} have no labels: model selection by mAP needs a `label` or `labels` column.")
+        return evaluate_codes(
+            queries.outputs, database.outputs, network.codebooks().detach(), queries.labels, database.labels,
+            top_k=self.top_k, distance=network.config.distance,
+            normalize_query_subvectors=network.config.normalize_query_subvectors,
+        )  # fmt: skip
+
+    def _encode_images(self, model, network: MeCoQModel, accelerator: Accelerator) -> tuple[EncodedDataset, EncodedDataset]:
+        transform = build_eval_transform(network.backbone.data_config)
+        loaders = [make_eval_dataloader(s, transform, self.batch_size, self.num_workers) for s in (self.queries, self.database)]
+        return (
+            encode_dataset(model, loaders[0], accelerator, method="embed", show_progress_bar=False),
+            encode_dataset(model, loaders[1], accelerator, method="encode", show_progress_bar=False),
+        )
+
+    @torch.no_grad()
+    def _encode_features(self, network: MeCoQModel, queries: EncodedDataset, database: EncodedDataset):
+        was_training = network.training
+        network.eval()
+        device = network.projection.weight.device
+        embeddings = torch.cat([network.projection(chunk.to(device)).cpu() for chunk in queries.outputs.split(4096)])
+        codes = torch.cat([network.quantizer.encode(network.projection(chunk.to(device))).cpu()
+                           for chunk in database.outputs.split(4096)])  # fmt: skip
+        network.train(was_training)
+        return queries._replace(outputs=embeddings), database._replace(outputs=codes)
 
 
 # the loop
@@ -324,12 +358,13 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed, deterministic=args.deterministic)
 
-    model = MeCoQModel.for_training(config)
-    data_config = model.backbone.data_config
-    views = build_train_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"])
-    train_loader = make_train_dataloader(
-        train_dataset, views, args.batch_size, args.seed, args.num_workers, on_bad_image=args.on_bad_image
-    )
+    model = MeCoQModel.for_training(config).to(accelerator.device)
+    validation = None
+    if validation_queries is not None:
+        validation = ValidationSet(validation_queries, validation_database, args.top_k, args.batch_size, args.num_workers)
+    train_loader = _train_dataloader(model, args, train_dataset, accelerator)
+    if not model.backbone.is_trainable and validation is not None:
+        validation.cache_features(model, accelerator)  # the frozen backbone's features never change
     optimizer = build_optimizer(model, args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
@@ -362,7 +397,7 @@ def train(
         model.train()
         for batch in batches:
             with accelerator.accumulate(model):
-                output = model(batch["pixel_values"], batch["pixel_values_2"], use_memory=use_memory)
+                output = model(**batch, use_memory=use_memory)  # two image views, or two cached feature views
                 if not torch.isfinite(output.loss):
                     raise FloatingPointError(
                         f"The loss became {output.loss.item()} at epoch {epoch}, step {state.global_step}. "
@@ -395,9 +430,8 @@ def train(
             break
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         record = {"epoch": epoch, "step": state.global_step, "seconds": round(time.perf_counter() - started, 2)}
-        if validation_queries is not None and (epoch + 1) % args.eval_every_epochs == 0:
-            score = validation_map(model, accelerator, validation_queries, validation_database, args.top_k,
-                                   args.batch_size, args.num_workers)  # fmt: skip
+        if validation is not None and (epoch + 1) % args.eval_every_epochs == 0:
+            score = validation.mean_average_precision(model, accelerator)
             record["validation_map"] = score
             improved = state.best_metric is None or score > state.best_metric + 1e-6
             if improved:
@@ -428,6 +462,27 @@ def train(
         best = MeCoQModel.from_pretrained(output_dir, dtype=torch.float32)
         network.load_state_dict(best.state_dict(), strict=False)
     return TrainingResult(network, output_dir, state.best_metric, state.best_epoch, state.history, stopped_early)
+
+
+def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Dataset, accelerator: Accelerator):
+    """Two augmented image views per item, or (cached_views) two cached feature views of a frozen backbone."""
+    data_config = model.backbone.data_config
+    view = build_train_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"])
+    if not args.cached_views:
+        return make_train_dataloader(dataset, view, args.batch_size, args.seed, args.num_workers, on_bad_image=args.on_bad_image)
+    if model.backbone.is_trainable:
+        raise ValueError(
+            f"cached_views={args.cached_views} needs a frozen backbone, but backbone_trainable is "
+            f"{model.config.backbone_trainable!r}. Set backbone_trainable='frozen' or cached_views=0."
+        )
+    accelerator.print(f"Caching {args.cached_views} augmented views of {len(dataset)} images with the frozen backbone...")
+    features = compute_view_features(model.backbone, dataset, view, args.cached_views, seed=args.seed,
+                                     batch_size=args.batch_size, accelerator=accelerator,
+                                     show_progress_bar=args.progress_bar)  # fmt: skip
+    return torch.utils.data.DataLoader(
+        CachedViewPairs(features.cpu(), seed=args.seed), batch_size=args.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
+    )
 
 
 def _views(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,130 @@
+"""Tests for mecoq_hf.transforms on real images: the view recipe, the evaluation transform, and the proof that
+the evaluation transform is the saved image processor's (Fashion-MNIST and foolbox's photo fixtures)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import timm.data
+import torch
+from datasets import Dataset
+from torchvision import transforms as T
+
+from mecoq_hf import MeCoQImageProcessor
+from mecoq_hf.data import FASHION_MNIST_ROOT, load_fashion_mnist
+from mecoq_hf.transforms import TwoViewTransform, build_eval_transform, build_train_transform
+
+LITE0_CONFIG = {  # what timm resolves for tf_efficientnet_lite0
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+if not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file():
+    pytest.skip(
+        "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)", allow_module_level=True
+    )
+
+
+def foolbox_data_dir() -> Path | None:
+    spec = importlib.util.find_spec("foolbox")  # locating only: foolbox is never imported
+    return Path(next(iter(spec.submodule_search_locations)), "data") if spec else None
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> Dataset:
+    return load_fashion_mnist("test")
+
+
+# the view recipe
+
+
+def test_train_transform_follows_the_recipe(fmnist_test):
+    transform = build_train_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    steps = {type(step).__name__: step for step in transform.transforms}
+    assert steps["RandomResizedCrop"].size == (32, 32) and steps["RandomResizedCrop"].scale == (0.5, 1.0)
+    jitter, blur = (step for step in transform.transforms if isinstance(step, T.RandomApply))
+    assert jitter.p == 0.7 and isinstance(jitter.transforms[0], T.ColorJitter)
+    assert jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
+    assert (
+        blur.p == 0.5 and blur.transforms[0].kernel_size == (3, 3) and blur.transforms[0].sigma == (0.1, 2.0)
+    )
+    assert steps["RandomGrayscale"].p == 0.2 and steps["RandomHorizontalFlip"].p == 0.5
+    assert tuple(steps["Normalize"].mean) == IMAGENET_MEAN and tuple(steps["Normalize"].std) == IMAGENET_STD
+
+    torch.manual_seed(0)
+    view_1, view_2 = TwoViewTransform(transform)(fmnist_test[0]["image"])  # grey 28x28 source
+    assert view_1.shape == view_2.shape == (3, 32, 32) and view_1.dtype == torch.float32
+    assert not torch.equal(view_1, view_2)
+
+
+def test_eval_transform_sizes_channels_and_normalisation(fmnist_test):
+    grey = build_eval_transform(LITE0_CONFIG, image_size=64)(fmnist_test[0]["image"])
+    assert grey.shape == (3, 64, 64) and grey.dtype == torch.float32
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert build_eval_transform(LITE0_CONFIG)(fmnist_test[0]["image"]).shape == (3, 224, 224)
+
+    flat = PIL.Image.new("L", (28, 28), 128)
+    out = build_eval_transform(LITE0_CONFIG, image_size=32)(flat)
+    torch.testing.assert_close(out, torch.full((3, 32, 32), (128 / 255 - 0.5) / 0.5), atol=1e-5, rtol=0)
+    imagenet = build_eval_transform(
+        {**LITE0_CONFIG, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, image_size=32
+    )
+    per_channel = imagenet(flat).mean(dim=(1, 2))
+    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(per_channel, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="input_size"):
+        build_eval_transform({"mean": IMAGENET_MEAN})
+
+
+def test_eval_transform_on_real_photos():
+    folder = foolbox_data_dir()
+    if folder is None:
+        pytest.skip("foolbox==3.3.4 is not installed")
+    photo = PIL.Image.open(min(folder.glob("imagenet_*")))
+    assert min(photo.size) >= 224
+    assert build_eval_transform(LITE0_CONFIG, image_size=48)(photo).shape == (3, 48, 48)
+
+
+# the evaluation transform is the image processor's
+
+
+def real_images(fmnist_test: Dataset) -> dict[str, PIL.Image.Image]:
+    """The first Fashion-MNIST test image (grey 28x28) and, when foolbox is installed, an ImageNet photo."""
+    images = {"fashion-mnist": fmnist_test[0]["image"]}
+    folder = foolbox_data_dir()
+    if folder is not None:
+        images["photo"] = PIL.Image.open(min(folder.glob("imagenet_*")))
+    return images
+
+
+@pytest.mark.parametrize("source", ["fashion-mnist", "photo"])
+@pytest.mark.parametrize("image_size", [None, 48])
+def test_eval_transform_is_the_saved_processors_transform(fmnist_test, tmp_path, source, image_size):
+    images = real_images(fmnist_test)
+    if source not in images:
+        pytest.skip("foolbox==3.3.4 is not installed (pip install --no-deps foolbox==3.3.4)")
+    image = images[source]
+    config = (
+        LITE0_CONFIG if image_size is None else {**LITE0_CONFIG, "input_size": (3, image_size, image_size)}
+    )
+    MeCoQImageProcessor(config).save_pretrained(tmp_path)  # writes preprocessor_config.json
+    reloaded = MeCoQImageProcessor.from_pretrained(tmp_path)
+
+    ours = build_eval_transform(LITE0_CONFIG, image_size=image_size)(image)  # (3, H, W)
+    processed = reloaded(image)["pixel_values"]  # (1, 3, H, W)
+    side = image_size or 224
+    assert ours.shape == (3, side, side) and processed.shape == (1, 3, side, side)
+    assert torch.equal(processed[0], ours)
+    assert torch.equal(MeCoQImageProcessor(config)(image)["pixel_values"][0], ours)
+    # and it is timm's evaluation transform of the RGB image, not some look-alike
+    timm_eval = timm.data.create_transform(**config, is_training=False)
+    assert torch.equal(timm_eval(image.convert("RGB")), ours)
+    assert ours.std() > 0.1  # a real image, not a constant
