@@ -358,6 +358,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     A transform returning a pair (e.g. `TwoViewTransform`) fills both pixel keys. Unreadable images raise a
     `BadImageError` naming the path, or (on_bad_image="skip") yield None, which the collate functions drop.
+
+    With a `seed`, the random augmentations of item i in epoch e are drawn from a generator seeded by
+    (seed, e, i) instead of torch's global RNG: the views no longer depend on worker count, prefetching or
+    where a resumed run restarts, so an interrupted run resumes to exactly the same result. Call `set_epoch`
+    (accelerate's prepared loaders do) to get new views each epoch.
     """
 
     def __init__(
@@ -366,6 +371,7 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable[[PIL.Image.Image], Any],
         *,
         on_bad_image: BadImagePolicy = "raise",
+        seed: int | None = None,
     ) -> None:
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}.")
@@ -374,6 +380,18 @@ class ImageDataset(torch.utils.data.Dataset):
         columns = ["image"] + [c for c in ("index", self.label_column) if c and c in dataset.column_names]
         self.dataset = dataset.select_columns(columns).cast_column("image", Image(decode=False))
         self.transform, self.on_bad_image = transform, on_bad_image
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _apply_transform(self, image: PIL.Image.Image, position: int) -> Any:
+        if self.seed is None:
+            return self.transform(image)
+        item_seed = int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            return self.transform(image)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -387,7 +405,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise
             logger.warning("Skipping: %s", exc)
             return None
-        pixels = self.transform(image)
+        pixels = self._apply_transform(image, position)
         item = {"index": row.get("index", position)}
         if isinstance(pixels, tuple):
             item["pixel_values"], item["pixel_values_2"] = pixels
@@ -435,12 +453,12 @@ def make_train_dataloader(
 ) -> DataLoader:
     """Shuffled two-view loader; the order comes from a generator seeded with `seed` (also seeding workers).
 
-    A single-view `transform` is wrapped in `TwoViewTransform`. With num_workers=0 the augmentations draw
-    from torch's global RNG: seed it (e.g. `accelerate.utils.set_seed`) for reproducible views.
+    A single-view `transform` is wrapped in `TwoViewTransform`. The augmentations of each item are seeded by
+    (seed, epoch, item) (see `ImageDataset`), so they are reproducible whatever the number of workers.
     """
     views = transform if isinstance(transform, TwoViewTransform) else TwoViewTransform(transform)
     return DataLoader(
-        ImageDataset(dataset, views, on_bad_image=on_bad_image),
+        ImageDataset(dataset, views, on_bad_image=on_bad_image, seed=seed),
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),

@@ -1,0 +1,159 @@
+"""Training loop: schedule, optimizer groups, bad input, exact resume, and a real 2-process Accelerate run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mecoq_hf import MeCoQConfig, MeCoQModel
+from mecoq_hf.data import load_fashion_mnist
+from mecoq_hf.training import (
+    TrainingArguments,
+    build_optimizer,
+    learning_rate_factor,
+    list_checkpoints,
+    train,
+)
+
+TINY = dict(
+    backbone="test_efficientnet", backbone_weights=None, image_size=32,
+    embedding_dim=16, num_codebooks=2, codebook_size=16, memory_size=16, memory_start_epoch=1,
+)
+
+
+@pytest.fixture(scope="module")
+def fashion_images():
+    return load_fashion_mnist("test", limit=48)
+
+
+def tiny_args(tmp_path: Path, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path), num_epochs=2, batch_size=8, learning_rate=0.05, log_every_steps=1,
+        progress_bar=False, report_to=[], seed=0, deterministic=True,
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def test_learning_rate_schedule_matches_reference_recipe():
+    total, warmup, peak, start, final = 100, 10, 0.01, 1e-5, 1e-5
+    lrs = [peak * learning_rate_factor(step, total, warmup, peak, start, final) for step in range(total + 1)]
+    assert lrs[0] == pytest.approx(start)
+    assert lrs[warmup - 1] == pytest.approx(peak)  # linspace(start, peak, warmup) ends at the peak
+    assert lrs[warmup] == pytest.approx(peak)
+    middle = warmup + (total - warmup) // 2
+    assert lrs[middle] == pytest.approx(final + 0.5 * (peak - final) * (1 + math.cos(math.pi * 0.5)), rel=1e-6)
+    assert lrs[total] == pytest.approx(final)
+    assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
+
+
+def test_backbone_learning_rate_scale_survives_the_scheduler(tmp_path):
+    warnings.simplefilter("ignore")
+    model = MeCoQModel(MeCoQConfig(**{**TINY, "backbone_trainable": 1}))
+    args = tiny_args(tmp_path, backbone_lr_scale=1e-3)
+    optimizer = build_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, 10, 2, 0.05, 1e-5, 1e-5))
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        assert groups["backbone"] == pytest.approx(groups["head"] * 1e-3)
+    names = {g["name"] for g in optimizer.param_groups}
+    assert names == {"head", "backbone", "codebooks"}
+    codebook_group = next(g for g in optimizer.param_groups if g["name"] == "codebooks")
+    assert codebook_group["weight_decay"] == 0.0
+
+
+def test_bad_arguments_and_inputs_are_refused(tmp_path, fashion_images):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainingArguments(output_dir=str(tmp_path), batch_size=0)
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        TrainingArguments(output_dir=str(tmp_path), mixed_precision="fp8")
+    with pytest.raises(ValueError, match="training dataset is empty"):
+        train(MeCoQConfig(**TINY), tiny_args(tmp_path), fashion_images.select([]))
+    with pytest.raises(ValueError, match="or neither"):
+        train(MeCoQConfig(**TINY), tiny_args(tmp_path), fashion_images, validation_queries=fashion_images)
+    with pytest.raises(ValueError, match="image_size=16 is too small for 'test_efficientnet'"):
+        train(MeCoQConfig(**{**TINY, "image_size": 16}), tiny_args(tmp_path), fashion_images)
+    with pytest.raises(ValueError, match="cached_views=4 needs a frozen backbone"):
+        train(MeCoQConfig(**{**TINY, "backbone_trainable": "all"}), tiny_args(tmp_path, cached_views=4), fashion_images)
+    with pytest.raises(ValueError, match="cached_views must be 0"):
+        tiny_args(tmp_path, cached_views=1)
+    with pytest.raises(ValueError, match="no 'image' column|image"):
+        train(MeCoQConfig(**TINY), tiny_args(tmp_path), fashion_images.remove_columns("image"))
+
+
+def _final_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(list_checkpoints(folder)[-1] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("cached_views", [0, 4])
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, fashion_images, cached_views):
+    warnings.simplefilter("ignore")
+    config = MeCoQConfig(**TINY)
+    common = dict(checkpoint_every_steps=2, cached_views=cached_views)
+    train(config, tiny_args(tmp_path / "straight", **common), fashion_images)
+    # Stop after 3 of the 12 steps (mid-epoch), leaving a half-written checkpoint folder behind as a crash would.
+    interrupted = tmp_path / "interrupted"
+    train(config, tiny_args(interrupted, max_steps=3, **common), fashion_images)
+    assert [p.name for p in list_checkpoints(interrupted)] == ["step_2", "step_3"]
+    (interrupted / "checkpoints" / ".tmp-step_4").mkdir()
+    result = train(config, tiny_args(interrupted, resume=True, **common), fashion_images)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(interrupted)
+    assert straight.keys() == resumed.keys() and "memory.codes" in straight
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert result.model.memory.num_filled == 16
+    assert json.loads((interrupted / "run_record.json").read_text())["finished"] is True
+    reloaded = MeCoQModel.from_pretrained(interrupted)
+    assert torch.equal(reloaded.projection.weight, straight["projection.weight"])
+
+
+def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, fashion_images):
+    warnings.simplefilter("ignore")
+    queries, database = load_fashion_mnist("train", limit=20), load_fashion_mnist("train", limit=120).select(range(20, 120))
+    result = train(
+        MeCoQConfig(**TINY), tiny_args(tmp_path, num_epochs=3, top_k=50), fashion_images, queries, database
+    )
+    scores = [record["validation_map"] for record in result.history]
+    assert len(scores) == 3 and result.best_metric == pytest.approx(max(scores))
+    assert result.best_epoch == scores.index(max(scores))
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "codebooks.safetensors", "preprocessor_config.json",
+            "training_args.json", "run_record.json", "log.jsonl"} <= files  # fmt: skip
+    record = json.loads((tmp_path / "run_record.json").read_text())
+    assert record["metrics"]["best_validation_map"] == pytest.approx(result.best_metric)
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "contrastive", "entropy", "lr", "images_per_second"} <= steps[0].keys()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
+    script = Path(__file__).parent / "scripts" / "train_two_processes.py"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(rank["num_processes"] == 2 for rank in ranks)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["memory_sum"] == ranks[1]["memory_sum"] and ranks[0]["memory_filled"] == 32
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    losses = [record["loss"] for record in steps if record.get("event") == "step" and record["epoch"] == 0]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob(".saving-*"))
