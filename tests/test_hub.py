@@ -34,8 +34,6 @@ from safetensors.torch import save_file
 from mecoq_hf import MeCoQConfig, MeCoQModel
 from mecoq_hf.hub import (
     HubUploadError,
-    MeCoQModelCardData,
-    build_model_card,
     download_codebooks,
     load_index_from_hub,
     push_folder_to_hub,
@@ -43,6 +41,7 @@ from mecoq_hf.hub import (
     push_model_to_hub,
 )
 from mecoq_hf.index import CodeIndex
+from mecoq_hf.model_card import MeCoQModelCardData, build_model_card
 from mecoq_hf.quantization import decode_codes, load_codebooks, save_codebooks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

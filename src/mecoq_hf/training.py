@@ -523,7 +523,7 @@ def _append_log(accelerator: Accelerator, output_dir: Path, record: dict[str, An
 
 
 def run_record(config, args, state, train_dataset, accelerator, finished: bool) -> dict[str, Any]:
-    """Everything a model card needs about the run (read by `hub.build_model_card`)."""
+    """Everything a model card needs about the run (read by `model_card.build_model_card`)."""
     import accelerate
     import datasets
     import timm
