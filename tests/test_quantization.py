@@ -126,3 +126,23 @@ def test_codebook_file_round_trip_and_corruption(tmp_path, quantizer):
     save_file({"codebooks": torch.zeros(2, 4, 3)}, other, metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a valid MeCoQ codebooks file"):
         load_codebooks(other)
+
+
+def test_asymmetric_scores_equal_an_explicit_gather():
+    torch.manual_seed(6)
+    tables = torch.randn(5, 3, 8)
+    codes = torch.randint(0, 8, (11, 3), dtype=torch.uint8)
+    expected = torch.stack([
+        torch.stack([sum(tables[q, m, int(codes[n, m])] for m in range(3)) for n in range(11)]) for q in range(5)
+    ])  # fmt: skip
+    assert torch.allclose(asymmetric_scores(tables, codes), expected, atol=1e-6)
+    assert asymmetric_scores(tables, codes[:0]).shape == (5, 0)
+
+
+def test_hard_codes_function_equals_the_quantizer(quantizer):
+    from mecoq_hf.quantization import hard_codes
+
+    z = torch.randn(9, 12)
+    assert torch.equal(hard_codes(z, quantizer.codebooks.detach()), quantizer.encode(z))
+    with pytest.raises(ValueError, match=r"\(B, 12\)"):
+        hard_codes(torch.randn(2, 8), quantizer.codebooks.detach())

