@@ -141,7 +141,9 @@ def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, f
 @pytest.mark.slow
 def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
     script = Path(__file__).parent / "scripts" / "train_two_processes.py"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # No ACCELERATE_USE_CPU: `build_accelerator` must join CPU processes over gloo by itself.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -311,11 +311,17 @@ class ValidationSet:
 
 
 def build_accelerator(args: TrainingArguments) -> Accelerator:
-    """An Accelerator with a seedable sampler (so resumed epochs replay the same order) and trackers."""
+    """An Accelerator with a seedable sampler (so resumed epochs replay the same order) and trackers.
+
+    Several processes on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2` on a CPU)
+    are joined over gloo on the CPU; otherwise accelerate would start processes that never synchronise.
+    """
     report_to = args.report_to
     if report_to == "auto":
         report_to = ["tensorboard"] if _tensorboard_available() else []
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
+        cpu=several_cpu_processes,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to or None,
@@ -376,8 +382,10 @@ def train(
 
     state = (load_latest_checkpoint(accelerator, output_dir) if args.resume else None) or TrainerState()
     if state.global_step:  # the schedule is a function of the step: no scheduler state needs saving
-        scheduler.last_epoch = state.global_step - 1
-        scheduler.step()
+        scheduler.last_epoch = state.global_step
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if accelerator.is_main_process:
         _write_json(output_dir / TRAINING_ARGS_FILE, args.to_dict())
     tracker_config = {**args.to_dict(), **{f"model.{k}": v for k, v in config.to_diff_dict().items()}}
