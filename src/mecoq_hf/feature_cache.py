@@ -9,11 +9,19 @@ the database's backbone features never change, so each epoch only re-runs the pr
 The cached views follow the same augmentation recipe, and are computed with the backbone in training mode
 (frozen BatchNorm stays in eval mode; dropout, where the backbone has it, stays on, as in the reference code).
 The price is a finite set of V views per image instead of a fresh draw every epoch.
+
+With a `cache_dir`, features are also kept on disk (safetensors) under a key made of the backbone's weights,
+its data config, the dataset's fingerprint and the settings, so repeated runs on the same data (several bit
+lengths, ablations, resumed runs) compute them once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +61,7 @@ def compute_features(
     accelerator: Accelerator | None = None,
     train_mode: bool = False,
     show_progress_bar: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> EncodedDataset:
     """Pooled backbone features (N, F) of every image of `dataset` in dataset order, with labels and ids.
 
@@ -62,10 +71,16 @@ def compute_features(
         transform: image -> (3, H, W) tensor (the eval transform, or one random view of the training recipe).
         accelerator: split the work over processes; every process gets the full result.
         train_mode: run the backbone in training mode (dropout on) as during training.
+        cache_dir: keep the result on disk and reuse it (see the module docstring); the eval transform is
+            assumed to follow the backbone's data config, as `transforms.build_eval_transform` does.
     """
-    loader = make_eval_dataloader(dataset, transform, batch_size)
-    encoder = _BackboneAsEncoder(backbone, keep_train_mode=train_mode)
-    return encode_dataset(encoder, loader, accelerator, method="embed", show_progress_bar=show_progress_bar)
+
+    def compute() -> EncodedDataset:
+        loader = make_eval_dataloader(dataset, transform, batch_size)
+        encoder = _BackboneAsEncoder(backbone, keep_train_mode=train_mode)
+        return encode_dataset(encoder, loader, accelerator, method="embed", show_progress_bar=show_progress_bar)
+
+    return _cached(cache_dir, "features", backbone, dataset, {"train_mode": train_mode}, compute)
 
 
 def compute_view_features(
@@ -78,18 +93,64 @@ def compute_view_features(
     batch_size: int = 128,
     accelerator: Accelerator | None = None,
     show_progress_bar: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
-    """(N, V, F) features of V independent random views of every image (one pass over the data per view)."""
+    """(N, V, F) features of V independent random views of every image (one pass over the data per view).
+
+    `view_transform` must be the training recipe of `transforms.build_train_transform` at the backbone's
+    resolution and statistics when `cache_dir` is used (the cache key does not see the transform itself).
+    """
     if num_views < 2:
         raise ValueError(f"Two views per image are needed for the contrastive loss; got num_views={num_views}.")
-    views = []
-    for view in range(num_views):
-        torch.manual_seed(seed * 1000 + view)  # augmentations draw from torch's global RNG
-        views.append(
-            compute_features(backbone, dataset, view_transform, batch_size=batch_size, accelerator=accelerator,
-                             train_mode=True, show_progress_bar=show_progress_bar).outputs  # fmt: skip
-        )
-    return torch.stack(views, dim=1)  # (N, V, F)
+
+    def compute() -> EncodedDataset:
+        views = []
+        for view in range(num_views):
+            torch.manual_seed(seed * 1000 + view)  # augmentations draw from torch's global RNG
+            views.append(
+                compute_features(backbone, dataset, view_transform, batch_size=batch_size, accelerator=accelerator,
+                                 train_mode=True, show_progress_bar=show_progress_bar).outputs  # fmt: skip
+            )
+        return EncodedDataset(torch.stack(views, dim=1), None, None)  # (N, V, F)
+
+    settings = {"num_views": num_views, "seed": seed}
+    return _cached(cache_dir, "views", backbone, dataset, settings, compute).outputs
+
+
+def _cached(
+    cache_dir: str | os.PathLike | None,
+    kind: str,
+    backbone: nn.Module,
+    dataset: Dataset,
+    settings: dict[str, Any],
+    compute: Callable[[], EncodedDataset],
+) -> EncodedDataset:
+    """Load `kind` features from `cache_dir` when present, else compute and store them (atomically)."""
+    if cache_dir is None:
+        return compute()
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir) / f"{kind}-{_cache_key(backbone, dataset, settings)}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        return EncodedDataset(tensors["outputs"], tensors.get("labels"), tensors.get("ids"))
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: value.contiguous() for name, value in result._asdict().items() if value is not None}
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)
+    return result
+
+
+def _cache_key(backbone: nn.Module, dataset: Dataset, settings: dict[str, Any]) -> str:
+    """sha256 of the backbone's weights, its data config, the dataset's fingerprint and the settings."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    described = {"data_config": getattr(backbone, "data_config", None), "dataset": dataset._fingerprint, **settings}
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
 
 
 class CachedViewPairs(torch.utils.data.Dataset):

@@ -79,6 +79,7 @@ class TrainingArguments:
         cached_views: 0 runs the backbone on fresh augmentations every step. N >= 2 (frozen backbone only)
             computes N augmented views per training image once and trains the head on random pairs of them,
             and caches the validation features too: much faster on a CPU (see `feature_cache.py`).
+        feature_cache_dir: keep those frozen-backbone features on disk and reuse them across runs.
         num_workers, on_bad_image: DataLoader workers; "raise" or "skip" for unreadable images.
         log_every_steps, report_to, progress_bar: JSON-lines logging cadence, Accelerate trackers ("auto":
             TensorBoard when installed), and a tqdm bar on the main process.
@@ -107,6 +108,7 @@ class TrainingArguments:
     resume: bool = False
     memory_pointer: str = "nominal"
     cached_views: int = 0
+    feature_cache_dir: str | None = None
     num_workers: int = 0
     on_bad_image: str = "raise"
     log_every_steps: int = 10
@@ -264,11 +266,11 @@ class ValidationSet:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.features: tuple[EncodedDataset, EncodedDataset] | None = None
 
-    def cache_features(self, network: MeCoQModel, accelerator: Accelerator) -> None:
+    def cache_features(self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | None = None) -> None:
         transform = build_eval_transform(network.backbone.data_config)
         self.features = tuple(
             compute_features(network.backbone, split, transform, batch_size=self.batch_size, accelerator=accelerator,
-                             show_progress_bar=False)  # fmt: skip
+                             show_progress_bar=False, cache_dir=cache_dir)  # fmt: skip
             for split in (self.queries, self.database)
         )
 
@@ -370,7 +372,7 @@ def train(
         validation = ValidationSet(validation_queries, validation_database, args.top_k, args.batch_size, args.num_workers)
     train_loader = _train_dataloader(model, args, train_dataset, accelerator)
     if not model.backbone.is_trainable and validation is not None:
-        validation.cache_features(model, accelerator)  # the frozen backbone's features never change
+        validation.cache_features(model, accelerator, args.feature_cache_dir)  # a frozen backbone's features never change
     optimizer = build_optimizer(model, args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
@@ -486,7 +488,7 @@ def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Datas
     accelerator.print(f"Caching {args.cached_views} augmented views of {len(dataset)} images with the frozen backbone...")
     features = compute_view_features(model.backbone, dataset, view, args.cached_views, seed=args.seed,
                                      batch_size=args.batch_size, accelerator=accelerator,
-                                     show_progress_bar=args.progress_bar)  # fmt: skip
+                                     show_progress_bar=args.progress_bar, cache_dir=args.feature_cache_dir)  # fmt: skip
     return torch.utils.data.DataLoader(
         CachedViewPairs(features.cpu(), seed=args.seed), batch_size=args.batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
