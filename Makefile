@@ -24,7 +24,7 @@ $(FMNIST):
 	touch $@
 
 demo: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python examples/demo_fashion_mnist.py --output-dir $(DEMO_DIR)
+	BIN=$(BIN) bash examples/demo_fashion_mnist.sh $(DEMO_DIR)
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests

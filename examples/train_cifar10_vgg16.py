@@ -56,7 +56,7 @@ def offline_problems(args) -> list[str]:
 
 def get_splits(accelerator, args):
     """CIFAR-10 protocol splits of the merged train + test images, recorded for `mecoq evaluate`."""
-    from mecoq_hf.cli import SplitDefinition
+    from mecoq_hf.splits import SplitDefinition
 
     definition = SplitDefinition(
         source=args.data or HUB_DATASET, split="train+test", image_column=args.image_column or

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 
 from mecoq_hf import MeCoQConfig
-from mecoq_hf.cli import SplitDefinition
 from mecoq_hf.data import make_eval_dataloader
 from mecoq_hf.encoding import encode_dataset
 from mecoq_hf.evaluation import evaluate_codes
+from mecoq_hf.splits import SplitDefinition
 from mecoq_hf.training import TrainingArguments, build_accelerator, train
 from mecoq_hf.transforms import build_eval_transform
 

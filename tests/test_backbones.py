@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from real_data import LITE0_DATA_CONFIG, require_foolbox_data
 from safetensors.torch import save_file
 
 from mecoq_hf.backbones import (
@@ -46,10 +47,7 @@ def _lite_package_weights(variant: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def imagenet_photos() -> list[tuple[Path, int]]:
     """foolbox's 20 ImageNet photos as (path, class index), from names `imagenet_<idx>_<label>.<ext>`."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("needs the photo fixtures: pip install --no-deps foolbox==3.3.4")
-    folder = Path(spec.submodule_search_locations[0]) / "data"
+    folder = require_foolbox_data()
     photos = sorted(folder.glob("imagenet_*_*.*"))
     assert len(photos) == 20, f"expected 20 ImageNet photos in {folder}, found {len(photos)}"
     return [(path, int(path.stem.split("_")[2])) for path in photos]
@@ -90,14 +88,7 @@ def small_lite0() -> TimmBackbone:
 def test_data_config_of_lite0_and_image_size_override():
     backbone = TimmBackbone("tf_efficientnet_lite0")
     assert backbone.num_features == 1280
-    assert backbone.data_config == {
-        "input_size": (3, 224, 224),
-        "interpolation": "bicubic",
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-    }
+    assert backbone.data_config == LITE0_DATA_CONFIG
     assert TimmBackbone("tf_efficientnet_lite0", image_size=96).data_config["input_size"] == (3, 96, 96)
 
 

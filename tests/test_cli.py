@@ -22,11 +22,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from mecoq_hf import MeCoQModel, cli
-from mecoq_hf.cli import SplitDefinition, build_parser, resolve_train_settings
+from mecoq_hf.cli import build_parser, resolve_train_settings
 from mecoq_hf.data import load_fashion_mnist, make_eval_dataloader
 from mecoq_hf.encoding import encode_dataset
 from mecoq_hf.evaluation import evaluate_codes
 from mecoq_hf.index import CodeIndex
+from mecoq_hf.splits import SplitDefinition
 from mecoq_hf.transforms import build_eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,22 +152,6 @@ def test_flags_and_set_override_the_config_file_and_the_preset(config_file, tmp_
                                       "--output-dir", str(tmp_path)])  # fmt: skip
     config, _, _ = resolve_train_settings(args)
     assert (config.num_codebooks, config.embedding_dim, config.backbone) == (2, 24, "vgg16")
-
-
-def test_split_record_detects_changed_splits(tmp_path):
-    recorded = SplitDefinition(source="fashion-mnist", limit=100, num_query=10, num_validation=10, seed=0)
-    recorded.save(recorded.build(), tmp_path)
-    definition, record = SplitDefinition.read(tmp_path / "splits.json")
-    assert definition == recorded and record["sizes"] == {
-        "query": 10,
-        "validation": 10,
-        "database": 80,
-        "train": 80,
-    }
-    definition.check_against(definition.build(), record, fix="")
-    reseeded = SplitDefinition(**{**record["definition"], "seed": 1})
-    with pytest.raises(ValueError, match="query split built from 'fashion-mnist' differs.*Try again"):
-        reseeded.check_against(reseeded.build(), record, fix="Try again.")
 
 
 # the pipeline: train -> evaluate -> index -> search -> encode
@@ -464,7 +449,7 @@ def test_accelerate_launch_one_process(tmp_path, config_file):
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes_synchronise(tmp_path, config_file):
     env = _subprocess_env()
-    env.pop("ACCELERATE_USE_CPU", None)  # `mecoq` sets it itself when it sees several processes and no GPU
+    env.pop("ACCELERATE_USE_CPU", None)  # `training.build_accelerator` joins CPU processes over gloo itself
     _accelerate_train("cpu_2_processes.yaml", tmp_path / "run", config_file, env)
     record = json.loads((tmp_path / "run" / "run_record.json").read_text())
     assert record["num_processes"] == 2 and record["metrics"]["steps"] == 1  # 64 images / (2 x 32)

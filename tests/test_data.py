@@ -7,7 +7,6 @@ goes through before any transform.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import re
 import time
@@ -19,11 +18,15 @@ import PIL.Image
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
+from real_data import LITE0_DATA_CONFIG, require_fashion_mnist, require_foolbox_data
 
 from mecoq_hf.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     BadImageError,
+    DataSource,
+    class_names,
+    image_paths,
     load_fashion_mnist,
     load_image_dataset,
     make_eval_dataloader,
@@ -34,25 +37,7 @@ from mecoq_hf.image_processing_mecoq import to_rgb_image
 from mecoq_hf.splits import retrieval_splits
 from mecoq_hf.transforms import build_eval_transform, build_train_transform
 
-LITE0_CONFIG = {  # what timm resolves for tf_efficientnet_lite0
-    "input_size": (3, 224, 224),
-    "interpolation": "bicubic",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-if not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file():
-    pytest.skip(
-        "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)", allow_module_level=True
-    )
-
-
-def foolbox_data_dir() -> Path | None:
-    spec = importlib.util.find_spec("foolbox")  # locating only: foolbox is never imported
-    return Path(next(iter(spec.submodule_search_locations)), "data") if spec else None
+require_fashion_mnist()
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -95,10 +80,7 @@ def test_fashion_mnist_limit_and_bad_split():
 
 
 def test_first_20_test_images_match_foolbox_fixtures(fmnist_test):
-    folder = foolbox_data_dir()
-    if folder is None:
-        pytest.skip("foolbox==3.3.4 is not installed (pip install --no-deps foolbox==3.3.4)")
-    files = sorted(folder.glob("fashionMNIST_*_*.png"))
+    files = sorted(require_foolbox_data().glob("fashionMNIST_*_*.png"))
     assert len(files) == 20
     for file in files:
         _, position, label = file.stem.split("_")
@@ -224,7 +206,7 @@ def test_loader_reports_or_skips_bad_images_at_run_time(folder_with_corrupt_file
     unchecked = load_image_dataset(
         load_dataset("imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "c"))
     )
-    transform = build_eval_transform(LITE0_CONFIG, image_size=16)
+    transform = build_eval_transform(LITE0_DATA_CONFIG, image_size=16)
     with pytest.raises(BadImageError, match=re.escape(str(corrupt))):
         list(make_eval_dataloader(unchecked, transform, batch_size=3))
     batches = list(make_eval_dataloader(unchecked, transform, batch_size=3, on_bad_image="skip"))
@@ -232,6 +214,62 @@ def test_loader_reports_or_skips_bad_images_at_run_time(folder_with_corrupt_file
     assert torch.cat([batch["index"] for batch in batches]).tolist() == list(range(8))
     with pytest.raises(BadImageError, match="All 1 images of a batch"):  # nothing left to return
         list(make_eval_dataloader(unchecked, transform, batch_size=4, on_bad_image="skip"))
+
+
+# recorded sources (DataSource)
+
+
+def test_data_source_joins_splits_in_order_and_renumbers(fmnist_train, fmnist_test):
+    source = DataSource("fashion-mnist", split="test+train", limit=10_003)
+    images = source.load()
+    assert len(images) == 10_003 and images["index"][:] == list(range(10_003))
+    assert images["label"][9_998:] == fmnist_test["label"][9_998:] + fmnist_train["label"][:3]
+    np.testing.assert_array_equal(np.asarray(images[10_001]["image"]), np.asarray(fmnist_train[1]["image"]))
+    assert (source.name, source.hub_id) == ("fashion-mnist", None)
+    assert DataSource(**source.to_dict()) == source
+    assert [np.asarray(image).sum() for image in source.images_by_id([10_002, 5])] == [
+        np.asarray(fmnist_train[2]["image"]).sum(),
+        np.asarray(fmnist_test[5]["image"]).sum(),
+    ]
+    with pytest.raises(ValueError, match=r"Ids \[10003\] are no longer in 'fashion-mnist'"):
+        source.images_by_id([3, 10_003])
+
+
+def test_data_source_of_a_folder_records_paths_and_names(fmnist_test, tmp_path, monkeypatch):
+    root = tmp_path / "shoes"
+    for position in range(6):
+        row = fmnist_test[position]
+        (root / f"class{row['label']}").mkdir(parents=True, exist_ok=True)
+        row["image"].save(root / f"class{row['label']}" / f"{position}.png")
+    monkeypatch.chdir(tmp_path)
+    source = DataSource("shoes", limit=4)
+    assert source.source == str(root) and source.name == "shoes" and source.hub_id is None  # stored absolute
+    images = source.load()
+    assert len(images) == 4 and class_names(images) == ["class1", "class2", "class6", "class9"]
+    paths = image_paths(images)
+    assert all(Path(path).parent.parent == root for path in paths)
+    assert [class_names(images)[label] for label in images["label"]] == [Path(p).parent.name for p in paths]
+    assert (
+        image_paths(fmnist_test.select(range(2))) == [None, None]
+        and class_names(images.remove_columns("label")) is None
+    )
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    fmnist_test[0]["image"].save(flat / "one.png")
+    with pytest.raises(ValueError, match="--label-column none"):
+        DataSource(str(flat)).load()
+    unlabelled = DataSource(str(flat), label_column="none")
+    assert unlabelled.label_column is None and "label" not in unlabelled.load().column_names
+
+
+def test_data_source_rejects_bad_settings():
+    with pytest.raises(ValueError, match="No dataset given"):
+        DataSource("")
+    with pytest.raises(ValueError, match="positive number of images, got 0"):
+        DataSource("fashion-mnist", limit=0)
+    hub = DataSource("some-org/some-dataset")
+    assert (hub.name, hub.hub_id) == ("some-org/some-dataset", "some-org/some-dataset")
 
 
 # RGB conversion (to_rgb_image)
@@ -329,7 +367,7 @@ def test_train_dataloader_batches_and_seeding(fmnist_test):
 def test_eval_dataloader_keeps_order_labels_and_index(fmnist_test):
     splits = retrieval_splits(fmnist_test, num_query=20, num_validation=0, num_train=None, seed=0)
     loader = make_eval_dataloader(
-        splits["query"], build_eval_transform(LITE0_CONFIG, image_size=16), batch_size=8
+        splits["query"], build_eval_transform(LITE0_DATA_CONFIG, image_size=16), batch_size=8
     )
     batches = list(loader)
     indices = torch.cat([batch["index"] for batch in batches])

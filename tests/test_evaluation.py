@@ -1,4 +1,5 @@
-"""Tests of evaluation.py (metrics, code scoring, evaluator) and encoding.py (dataset encoding)."""
+"""Tests of evaluation.py (metrics, code scoring, evaluator, `evaluate_model`) and encoding.py (dataset encoding,
+encoded files)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from sklearn.metrics import average_precision_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mecoq_hf.encoding import encode_dataset
+from mecoq_hf import MeCoQConfig, MeCoQModel
+from mecoq_hf.data import load_fashion_mnist
+from mecoq_hf.encoding import encode_dataset, encode_images, quantize_embeddings, save_encoded
 from mecoq_hf.evaluation import (
     RetrievalEvaluator,
     average_precision,
     evaluate_codes,
+    evaluate_model,
     mean_average_precision,
     precision_at_n_curve,
     precision_recall_curve,
     score_codes,
 )
 from mecoq_hf.quantization import ProductQuantizer, decode_codes, symmetric_scores
+from mecoq_hf.transforms import build_eval_transform
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -314,3 +320,67 @@ def test_encode_dataset_with_a_single_process_accelerator(fashion_mnist):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     assert torch.equal(encoded.outputs, model.encode(images)) and torch.equal(encoded.labels, labels)
+
+
+# a real MeCoQModel on normal-form image datasets (evaluate_model, encode_images, save_encoded)
+
+
+@pytest.fixture(scope="module")
+def tiny_mecoq() -> MeCoQModel:
+    """A real MeCoQModel with timm's tiny test_efficientnet backbone (random weights) at 32 px, in eval mode."""
+    torch.manual_seed(0)
+    config = MeCoQConfig(backbone="test_efficientnet", backbone_weights=None, image_size=32, embedding_dim=16,
+                         num_codebooks=2, codebook_size=16)  # fmt: skip
+    return MeCoQModel(config).eval()
+
+
+def eval_pixels(model: MeCoQModel, images) -> torch.Tensor:
+    transform = build_eval_transform(model.backbone.data_config)
+    return torch.stack([transform(image) for image in images["image"]])  # (N, 3, 32, 32)
+
+
+def test_evaluate_model_on_labelled_image_splits(tiny_mecoq):
+    images = load_fashion_mnist("test", limit=60)
+    queries, database = images.select(range(12)), images.select(range(12, 60))
+    result = evaluate_model(tiny_mecoq, queries, database, top_k=20, batch_size=16, pr_curve=True,
+                            show_progress_bar=False)  # fmt: skip
+    config = tiny_mecoq.config
+    with torch.no_grad():
+        scores = score_codes(tiny_mecoq.embed(eval_pixels(tiny_mecoq, queries)),
+                             tiny_mecoq.encode(eval_pixels(tiny_mecoq, database)), tiny_mecoq.codebooks(),
+                             config.distance, config.normalize_query_subvectors).to_tensor()  # fmt: skip
+    labels = torch.tensor(queries["label"][:]), torch.tensor(database["label"][:])
+    assert result.map_at_k == pytest.approx(reference_map(scores, *labels, 20), abs=1e-9)
+    precision, recall = precision_recall_curve(scores, *labels)
+    assert torch.equal(result.pr_curve[0], precision) and torch.equal(result.pr_curve[1], recall)
+    assert precision.shape == (48,) and result.details == {}
+    symmetric = evaluate_model(
+        tiny_mecoq, queries, database, top_k=20, distance="symmetric", show_progress_bar=False
+    )
+    assert symmetric.pr_curve is None and 0.0 <= symmetric.map_at_k <= 1.0
+    with pytest.raises(ValueError, match="The database split has no labels"):
+        evaluate_model(tiny_mecoq, queries, database.remove_columns("label"), top_k=20)
+
+
+def test_encode_images_quantize_embeddings_and_save_encoded(tiny_mecoq, tmp_path):
+    images = load_fashion_mnist("test", limit=20)
+    codes = encode_images(tiny_mecoq, images, method="encode", batch_size=8, show_progress_bar=False)
+    embedded = encode_images(tiny_mecoq, images, method="embed", batch_size=8, show_progress_bar=False)
+    with torch.no_grad():
+        assert torch.equal(codes.outputs, tiny_mecoq.encode(eval_pixels(tiny_mecoq, images)))
+    assert torch.equal(codes.ids, torch.arange(20)) and codes.labels.tolist() == images["label"][:]
+    assert torch.equal(quantize_embeddings(tiny_mecoq, embedded.outputs, chunk_size=7), codes.outputs)
+    path = save_encoded(tmp_path / "new" / "codes.safetensors", codes.outputs, codes.ids, labels=codes.labels,
+                        embeddings=embedded.outputs.double(), metadata={"model": "tiny"})  # fmt: skip
+    with safe_open(path, framework="pt") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+        assert file.metadata() == {"format": "mecoq-hf/encoded", "model": "tiny"}
+    assert sorted(tensors) == ["codes", "embeddings", "ids", "labels"]
+    assert [p.name for p in path.parent.iterdir()] == ["codes.safetensors"]  # no temp file left behind
+    assert torch.equal(tensors["codes"], codes.outputs) and torch.equal(tensors["labels"], codes.labels)
+    assert tensors["embeddings"].dtype == torch.float32 and torch.equal(
+        tensors["embeddings"], embedded.outputs
+    )
+    unlabelled = save_encoded(tmp_path / "bare.safetensors", codes.outputs, codes.ids)
+    with safe_open(unlabelled, framework="pt") as file:
+        assert sorted(file.keys()) == ["codes", "ids"] and file.metadata() == {"format": "mecoq-hf/encoded"}

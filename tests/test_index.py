@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.index import CodeIndex, IndexFormatError
+from mecoq_hf.index import CodeIndex, IndexFormatError, load_sidecar, save_sidecar, sidecar_path
 from mecoq_hf.quantization import (
     ProductQuantizer,
     asymmetric_scores,
@@ -213,3 +213,30 @@ def test_faiss_needs_256_codewords_and_asymmetric_distance():
     symmetric = CodeIndex(make_codebooks(), distance="symmetric")
     with pytest.raises(ValueError, match="asymmetrically only"):
         symmetric.search(torch.randn(1, 32), 3, backend="faiss")
+
+
+def test_sidecar_describes_the_ids_next_to_the_index(filled_index, tmp_path):
+    index = filled_index[0]
+    path = index.save(tmp_path / "new" / "folder" / "index.safetensors")  # missing folders are created
+    assert path.is_file() and load_sidecar(path) is None  # an index without a sidecar
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    labels = [[1, 0], [0, 1]] + [[0, 0]] * 498  # multi-hot
+    written = save_sidecar(path, model=model_folder, data={"source": "fashion-mnist", "limit": 500},
+                           ids=index.ids.tolist(), labels=labels, class_names=["cat", "dog"], paths=[None] * 500)  # fmt: skip
+    assert written == tmp_path / "new" / "folder" / "index.meta.json" == sidecar_path(path)
+    assert sorted(p.name for p in written.parent.iterdir()) == ["index.meta.json", "index.safetensors"]
+    sidecar = load_sidecar(path)
+    assert sidecar["model"] == str(model_folder.resolve()) and sidecar["data"]["limit"] == 500
+    assert sidecar["ids"] == index.ids.tolist() and sidecar["labels"][:3] == [[1, 0], [0, 1], [0, 0]]
+    assert sidecar["class_names"] == ["cat", "dog"] and sidecar["paths"] is None  # no image has a file
+    save_sidecar(path, model="org/model", data={}, ids=[3, 10], paths=["/a.png", None])
+    assert load_sidecar(path)["model"] == "org/model" and load_sidecar(path)["paths"] == ["/a.png", None]
+    assert load_sidecar(path)["labels"] is None
+
+    sidecar_path(path).write_text('{"format": "mecoq-hf/splits"}')
+    with pytest.raises(ValueError, match="is not a mecoq index sidecar"):
+        load_sidecar(path)
+    sidecar_path(path).write_text('{"format": "mecoq-hf/index-side')
+    with pytest.raises(ValueError, match="Index sidecar .* is not valid JSON"):
+        load_sidecar(path)

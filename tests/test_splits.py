@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from real_data import LITE0_DATA_CONFIG, require_fashion_mnist
 
-from mecoq_hf.data import FASHION_MNIST_ROOT, load_fashion_mnist, make_eval_dataloader
+from mecoq_hf.data import load_fashion_mnist, make_eval_dataloader
 from mecoq_hf.splits import (
+    SplitDefinition,
     cifar10_protocol_splits,
     flickr25k_splits,
     load_multilabel_list,
     nuswide_splits,
     read_multilabel_list,
     retrieval_splits,
+    split_fingerprint,
 )
 from mecoq_hf.transforms import build_eval_transform
 
-LITE0_CONFIG = {  # what timm resolves for tf_efficientnet_lite0
-    "input_size": (3, 224, 224),
-    "interpolation": "bicubic",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-}
-
-if not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file():
-    pytest.skip(
-        "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)", allow_module_level=True
-    )
+require_fashion_mnist()
 
 
 def index_set(split: Dataset) -> set[int]:
@@ -152,7 +141,11 @@ def test_multilabel_lists(fmnist_test, tmp_path):
         np.asarray(splits["query"][1]["image"]), np.asarray(fmnist_test[1]["image"])
     )
     batch = next(
-        iter(make_eval_dataloader(splits["database"], build_eval_transform(LITE0_CONFIG, 16), batch_size=3))
+        iter(
+            make_eval_dataloader(
+                splits["database"], build_eval_transform(LITE0_DATA_CONFIG, 16), batch_size=3
+            )
+        )
     )
     assert batch["labels"].shape == (3, 3) and batch["labels"].dtype == torch.int64
     assert batch["labels"].tolist() == [[0, 0, 1], [1, 1, 0], [0, 0, 0]] and batch["index"].tolist() == [
@@ -168,3 +161,60 @@ def test_multilabel_lists(fmnist_test, tmp_path):
     (lists / "targets.txt").write_text("1 0 0 1\n0 1 1 0\n")
     flickr_style = load_multilabel_list(lists / "img.txt", root, labels_file=lists / "targets.txt")
     assert flickr_style["labels"][:] == [[1, 0, 0, 1], [0, 1, 1, 0]]
+
+
+# recorded splits (SplitDefinition, splits.json)
+
+
+def test_split_definition_builds_each_protocol(fmnist_train, fmnist_test):
+    random = SplitDefinition(
+        source="fashion-mnist", split="test", num_query=100, num_validation=50, num_train=200
+    )
+    splits = random.build()
+    expected = retrieval_splits(fmnist_test, num_query=100, num_validation=50, num_train=200, seed=2021)
+    assert all(splits[name]["index"][:] == expected[name]["index"][:] for name in expected)
+    assert random.describe(splits) == (
+        "fashion-mnist: random splits (seed 2021): 100 query, 50 validation, 9850 database, 200 train"
+    )
+    cifar = SplitDefinition(source="fashion-mnist", protocol="cifar10-ii", num_validation=100).build()
+    expected = cifar10_protocol_splits(fmnist_train, "II", num_validation=100)
+    assert {name: split_fingerprint(split) for name, split in cifar.items()} == {
+        name: split_fingerprint(split) for name, split in expected.items()
+    }
+    flickr = SplitDefinition(
+        source="fashion-mnist", split="test", protocol="flickr25k", num_query=2000
+    ).build()
+    assert (
+        flickr["train"]["index"][:] == flickr25k_splits(fmnist_test)["train"]["index"][:]
+    )  # 5,000 by default
+
+
+def test_split_record_detects_changed_splits(tmp_path):
+    recorded = SplitDefinition(source="fashion-mnist", limit=100, num_query=10, num_validation=10, seed=0)
+    recorded.save(recorded.build(), tmp_path)
+    definition, record = SplitDefinition.read(tmp_path / "splits.json")
+    assert definition == recorded and record["sizes"] == {
+        "query": 10,
+        "validation": 10,
+        "database": 80,
+        "train": 80,
+    }
+    definition.check_against(definition.build(), record, fix="")
+    reseeded = SplitDefinition(**{**record["definition"], "seed": 1})
+    with pytest.raises(ValueError, match="query split built from 'fashion-mnist' differs.*Try again"):
+        reseeded.check_against(reseeded.build(), record, fix="Try again.")
+
+
+def test_split_records_that_cannot_be_read(tmp_path):
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        SplitDefinition(source="fashion-mnist", protocol="cifar100")
+    path = tmp_path / "splits.json"
+    path.write_text('{"format": "mecoq-hf/splits", "definition": {"source": "fashion-mnist", "sede": 3}}')
+    with pytest.raises(ValueError, match=r"unknown data settings \['sede'\]"):
+        SplitDefinition.read(path)
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="is not a mecoq split record"):
+        SplitDefinition.read(path)
+    path.write_text('{"format": "mecoq-hf/sp')
+    with pytest.raises(ValueError, match="Split record .* is not valid JSON"):
+        SplitDefinition.read(path)

@@ -3,39 +3,27 @@ the evaluation transform is the saved image processor's (Fashion-MNIST and foolb
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import PIL.Image
 import pytest
 import timm.data
 import torch
 from datasets import Dataset
+from real_data import (
+    FOOLBOX_INSTALL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LITE0_DATA_CONFIG,
+    foolbox_data_dir,
+    require_fashion_mnist,
+    require_foolbox_data,
+)
 from torchvision import transforms as T
 
 from mecoq_hf import MeCoQImageProcessor
-from mecoq_hf.data import FASHION_MNIST_ROOT, load_fashion_mnist
+from mecoq_hf.data import load_fashion_mnist
 from mecoq_hf.transforms import TwoViewTransform, build_eval_transform, build_train_transform
 
-LITE0_CONFIG = {  # what timm resolves for tf_efficientnet_lite0
-    "input_size": (3, 224, 224),
-    "interpolation": "bicubic",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-if not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file():
-    pytest.skip(
-        "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)", allow_module_level=True
-    )
-
-
-def foolbox_data_dir() -> Path | None:
-    spec = importlib.util.find_spec("foolbox")  # locating only: foolbox is never imported
-    return Path(next(iter(spec.submodule_search_locations)), "data") if spec else None
+require_fashion_mnist()
 
 
 @pytest.fixture(scope="session")
@@ -66,16 +54,16 @@ def test_train_transform_follows_the_recipe(fmnist_test):
 
 
 def test_eval_transform_sizes_channels_and_normalisation(fmnist_test):
-    grey = build_eval_transform(LITE0_CONFIG, image_size=64)(fmnist_test[0]["image"])
+    grey = build_eval_transform(LITE0_DATA_CONFIG, image_size=64)(fmnist_test[0]["image"])
     assert grey.shape == (3, 64, 64) and grey.dtype == torch.float32
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-    assert build_eval_transform(LITE0_CONFIG)(fmnist_test[0]["image"]).shape == (3, 224, 224)
+    assert build_eval_transform(LITE0_DATA_CONFIG)(fmnist_test[0]["image"]).shape == (3, 224, 224)
 
     flat = PIL.Image.new("L", (28, 28), 128)
-    out = build_eval_transform(LITE0_CONFIG, image_size=32)(flat)
+    out = build_eval_transform(LITE0_DATA_CONFIG, image_size=32)(flat)
     torch.testing.assert_close(out, torch.full((3, 32, 32), (128 / 255 - 0.5) / 0.5), atol=1e-5, rtol=0)
     imagenet = build_eval_transform(
-        {**LITE0_CONFIG, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, image_size=32
+        {**LITE0_DATA_CONFIG, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, image_size=32
     )
     per_channel = imagenet(flat).mean(dim=(1, 2))
     expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
@@ -85,12 +73,9 @@ def test_eval_transform_sizes_channels_and_normalisation(fmnist_test):
 
 
 def test_eval_transform_on_real_photos():
-    folder = foolbox_data_dir()
-    if folder is None:
-        pytest.skip("foolbox==3.3.4 is not installed")
-    photo = PIL.Image.open(min(folder.glob("imagenet_*")))
+    photo = PIL.Image.open(min(require_foolbox_data().glob("imagenet_*")))
     assert min(photo.size) >= 224
-    assert build_eval_transform(LITE0_CONFIG, image_size=48)(photo).shape == (3, 48, 48)
+    assert build_eval_transform(LITE0_DATA_CONFIG, image_size=48)(photo).shape == (3, 48, 48)
 
 
 # the evaluation transform is the image processor's
@@ -110,15 +95,17 @@ def real_images(fmnist_test: Dataset) -> dict[str, PIL.Image.Image]:
 def test_eval_transform_is_the_saved_processors_transform(fmnist_test, tmp_path, source, image_size):
     images = real_images(fmnist_test)
     if source not in images:
-        pytest.skip("foolbox==3.3.4 is not installed (pip install --no-deps foolbox==3.3.4)")
+        pytest.skip(f"foolbox==3.3.4 is not installed ({FOOLBOX_INSTALL})")
     image = images[source]
     config = (
-        LITE0_CONFIG if image_size is None else {**LITE0_CONFIG, "input_size": (3, image_size, image_size)}
+        LITE0_DATA_CONFIG
+        if image_size is None
+        else {**LITE0_DATA_CONFIG, "input_size": (3, image_size, image_size)}
     )
     MeCoQImageProcessor(config).save_pretrained(tmp_path)  # writes preprocessor_config.json
     reloaded = MeCoQImageProcessor.from_pretrained(tmp_path)
 
-    ours = build_eval_transform(LITE0_CONFIG, image_size=image_size)(image)  # (3, H, W)
+    ours = build_eval_transform(LITE0_DATA_CONFIG, image_size=image_size)(image)  # (3, H, W)
     processed = reloaded(image)["pixel_values"]  # (1, 3, H, W)
     side = image_size or 224
     assert ours.shape == (3, side, side) and processed.shape == (1, 3, side, side)

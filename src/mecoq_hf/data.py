@@ -11,17 +11,22 @@ Every function works on a `datasets.Dataset` in one normal form:
 The torch side decodes images itself (from the `{"bytes", "path"}` values of an `Image(decode=False)` column),
 so an unreadable file is reported with its path and is raised or skipped as asked (`on_bad_image`).
 
+`DataSource` is the recordable form of a load (source, split or "train+test", row limit, column names): a run
+stores it as plain data and reloads exactly the same images from it later.
+
 Retrieval splits and the paper protocols live in `mecoq_hf.splits`; the view recipe and the evaluation
 transform in `mecoq_hf.transforms`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +41,7 @@ from datasets import (
     Image,
     List,
     Value,
+    concatenate_datasets,
     load_dataset,
     load_from_disk,
 )
@@ -350,6 +356,108 @@ def check_images(dataset: Dataset, *, on_bad_image: BadImagePolicy = "raise") ->
     return dataset.select([row for row in range(len(dataset)) if row not in problems])
 
 
+# sources: where a run's images come from, as recorded in splits.json and index sidecars
+
+
+@dataclass
+class DataSource:
+    """Where images come from: a source as `load_image_dataset` takes it, plus a split and a row limit.
+
+    A `DataSource` is plain data (`to_dict`), so a run can record it and reload exactly the same images later
+    (`mecoq evaluate`, `mecoq search --grid`).
+
+    Args:
+        source (`str`): "fashion-mnist", an image folder, a `save_to_disk` folder, or a Hub dataset name. Local
+            paths are stored absolute, so a recorded source still resolves from another working directory.
+        split (`str`, *optional*): split of a multi-split source; "train+test" concatenates splits in that
+            order and re-numbers `index` over the concatenation.
+        limit (`int`, *optional*): keep only the first `limit` rows (small CPU runs).
+        image_column (`str`, *optional*, defaults to "image"): the source's image column.
+        label_column (`str`, *optional*, defaults to "label"): the source's label column; None (or "none"):
+            unlabelled images.
+    """
+
+    source: str
+    split: str | None = None
+    limit: int | None = None
+    image_column: str = "image"
+    label_column: str | None = "label"
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError(
+                "No dataset given: pass --dataset SOURCE (fashion-mnist, a folder or a Hub name)."
+            )
+        if self.source != "fashion-mnist" and Path(self.source).expanduser().exists():
+            self.source = str(Path(self.source).expanduser().resolve())
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be a positive number of images, got {self.limit}.")
+        if isinstance(self.label_column, str) and self.label_column.lower() in ("", "none", "null"):
+            self.label_column = None  # unlabelled images
+
+    @property
+    def name(self) -> str:
+        """A short display name: the literal, the folder name, or the Hub id."""
+        return Path(self.source).name if os.path.isabs(self.source) else self.source
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub dataset id when the source is one (neither "fashion-mnist" nor a local path), else None."""
+        return None if self.source == "fashion-mnist" or os.path.isabs(self.source) else self.source
+
+    def load(self) -> Dataset:
+        """The images in the normal form of this module (`image`, `label`/`labels`, `index`)."""
+        names = self.split.split("+") if self.split else [None]
+        try:
+            parts = [
+                load_image_dataset(
+                    self.source, split=name, image_column=self.image_column, label_column=self.label_column
+                )
+                for name in names
+            ]
+        except ValueError as error:
+            if self.label_column and "not found" in str(error) and repr(self.label_column) in str(error):
+                raise ValueError(f"{error} With mecoq: --label-column none (unlabelled images).") from error
+            raise
+        images = parts[0]
+        if len(parts) > 1:  # one numbering over the concatenation, in the order given
+            images = concatenate_datasets([part.remove_columns("index") for part in parts])
+            images = images.add_column("index", list(range(len(images))))
+        if self.limit is not None and self.limit < len(images):
+            images = images.select(range(self.limit))
+        return images
+
+    def images_by_id(self, ids: Sequence[int]) -> list[PIL.Image.Image]:
+        """The images whose `index` value is in `ids`, in that order, reloaded from the source.
+
+        Raises `ValueError` when an id is no longer there (the source changed since the ids were recorded).
+        """
+        images = self.load()
+        positions = {int(item): row for row, item in enumerate(images["index"])}
+        missing = [item for item in ids if item not in positions]
+        if missing:
+            raise ValueError(
+                f"Ids {missing[:5]} are no longer in {self.source!r}: the dataset changed after indexing."
+            )
+        return [images[positions[item]]["image"] for item in ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields of this source (not of a subclass), JSON-ready: `DataSource(**to_dict())` rebuilds it."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(DataSource)}
+
+
+def image_paths(dataset: Dataset) -> list[str | None]:
+    """The file path of every image in row order; None for images stored as bytes (e.g. Fashion-MNIST)."""
+    raw = dataset.select_columns(["image"]).cast_column("image", Image(decode=False)).with_format("arrow")[:]
+    return raw["image"].combine_chunks().field("path").to_pylist()
+
+
+def class_names(dataset: Dataset) -> list[str] | None:
+    """The names of the class ids of a single-label dataset (its `ClassLabel` feature), else None."""
+    feature = dataset.features.get("label")
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
 # torch side
 
 
@@ -489,12 +597,15 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
     "BadImageError",
+    "DataSource",
     "ImageDataset",
     "check_images",
+    "class_names",
     "collate_eval",
     "collate_train",
     "dataset_from_arrays",
     "decode_image",
+    "image_paths",
     "load_fashion_mnist",
     "load_image_dataset",
     "make_eval_dataloader",

@@ -2,18 +2,28 @@
 
 Batched, eval mode, no gradients, a tqdm progress bar, and optionally split over Accelerate processes (each
 process encodes its shard; the results are gathered back into dataset order). The model is duck-typed: any
-object with `.encode(pixel_values) -> (B, M)` and `.embed(pixel_values) -> (B, d)` works.
+object with `.encode(pixel_values) -> (B, M)` and `.embed(pixel_values) -> (B, d)` works. `encode_images`
+does the same for a normal-form image dataset (`data.py`) with the model's evaluation transform, and
+`save_encoded` writes the result as one safetensors file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from safetensors.torch import save_file
+
+from .file_io import write_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from datasets import Dataset
+
+ENCODED_FORMAT = "mecoq-hf/encoded"
 
 
 class EncodedDataset(NamedTuple):
@@ -134,4 +144,98 @@ def _assemble(collected: dict[str, list[torch.Tensor]]) -> EncodedDataset:
     return EncodedDataset(columns["outputs"], columns["labels"], columns["ids"])
 
 
-__all__ = ["EncodedDataset", "encode_dataset"]
+# datasets in the normal form of `data.py`, and encoded files
+
+
+def encode_images(
+    model: Any,
+    images: Dataset,
+    accelerator: Accelerator | None = None,
+    *,
+    method: str = "encode",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    show_progress_bar: bool = True,
+) -> EncodedDataset:
+    """`encode_dataset` over a normal-form image dataset, through the model's own evaluation transform.
+
+    The transform is built from `model.backbone.data_config` and the loader keeps dataset order
+    (`data.make_eval_dataloader`), so `ids` is the dataset's `index` column and `labels` its labels.
+
+    Args:
+        model: a `MeCoQModel` (anything with `backbone.data_config`, `encode` and `embed`).
+        images: a dataset with an `image` column (see `data.load_image_dataset`).
+        accelerator: move the model to its device and split the work over its processes (every process
+            gets the full result).
+        method, show_progress_bar: as in `encode_dataset`.
+        batch_size, num_workers: of the DataLoader.
+    """
+    from .data import make_eval_dataloader
+    from .transforms import build_eval_transform
+
+    transform = build_eval_transform(model.backbone.data_config)
+    loader = make_eval_dataloader(images, transform, batch_size, num_workers)
+    if accelerator is not None:
+        model.to(accelerator.device)
+    return encode_dataset(model, loader, accelerator, method=method, show_progress_bar=show_progress_bar)
+
+
+@torch.no_grad()
+@torch.no_grad()
+def embed_features(model: Any, features: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
+    """Embeddings (N, d) of backbone features (N, F) by `model.projection`, `chunk_size` rows at a time.
+
+    `model.embed(images)` is `model.projection(model.backbone(images))`, so features computed once (for
+    example by `feature_cache.compute_features`) give the same embeddings without another backbone pass.
+    """
+    device = _model_device(model)
+    return torch.cat([model.projection(chunk.to(device)).cpu() for chunk in features.split(chunk_size)])
+
+
+def quantize_embeddings(model: Any, embeddings: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
+    """Hard codes (N, M) of embeddings (N, d) by `model.quantizer.encode`, `chunk_size` rows at a time.
+
+    These are the codes `model.encode` gives for the same images, so one backbone pass (`method="embed"`)
+    yields both embeddings and codes. The work runs on the model's device; the codes come back on the CPU.
+    """
+    device = _model_device(model)
+    return torch.cat(
+        [model.quantizer.encode(chunk.to(device)).cpu() for chunk in embeddings.split(chunk_size)]
+    )
+
+
+def save_encoded(
+    path: str | os.PathLike,
+    codes: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    embeddings: torch.Tensor | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write encoded images as one safetensors file, atomically (format "mecoq-hf/encoded").
+
+    Args:
+        path: the file to write (parent folders are created).
+        codes: (N, M) hard codes; ids: (N,) the items' ids (e.g. the dataset's `index` column).
+        labels: (N,) class ids or (N, C) multi-hot labels, if any.
+        embeddings: (N, d) embeddings, stored as float32, if wanted.
+        metadata: string values for the file header, e.g. the model and the data source.
+    """
+    tensors = {"codes": codes, "embeddings": embeddings, "ids": ids, "labels": labels}
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items() if tensor is not None}
+    if embeddings is not None:
+        tensors["embeddings"] = tensors["embeddings"].float()
+    header = {"format": ENCODED_FORMAT, **(metadata or {})}
+    return write_atomic(path, lambda name: save_file(tensors, name, metadata=header))
+
+
+__all__ = [
+    "embed_features",
+    "ENCODED_FORMAT",
+    "EncodedDataset",
+    "encode_dataset",
+    "encode_images",
+    "quantize_embeddings",
+    "save_encoded",
+]

@@ -9,21 +9,24 @@ argsort (METHOD.md §7).
 Every metric reads its (Q, N) scores a block of query rows at a time, so 10,000 queries against 1,000,000
 database items run in bounded memory. Scores may be a tensor or a lazy `CodeScores` matrix computed from query
 embeddings, database codes and codebooks, which never holds more than one block.
+
+`evaluate_model` runs a model over labelled query and database image splits and returns a `RetrievalResult`
+(mAP@K, optionally the PR curve); `RetrievalEvaluator` does the same for training loops.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
-from .encoding import encode_dataset
+from .encoding import EncodedDataset, embed_features, encode_dataset, quantize_embeddings
+from .file_io import read_json, write_json
 from .quantization import asymmetric_scores, check_codebooks, check_codes
 from .ranking import (
     DISTANCES,
@@ -35,6 +38,8 @@ from .ranking import (
 )
 
 if TYPE_CHECKING:
+    import datasets
+    from accelerate import Accelerator
     from torch.utils.data import Dataset
 
 # Elements of a (queries x database) block processed at once. A full ranking (top_k=None, PR curves) peaks
@@ -324,6 +329,109 @@ def evaluate_codes(
     return mean_average_precision(scores, query_labels, db_labels, top_k, chunk_size=chunk_size)
 
 
+# a model on labelled image splits
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """mAP@K of one retrieval method on a query / database split, optionally with its precision-recall curve.
+
+    Args:
+        map_at_k (`float`): mean average precision of the top K results (`mean_average_precision`).
+        pr_curve (`tuple`, *optional*): (precision (N,), recall (N,)) float64 over the full ranking
+            (`precision_recall_curve`), when it was asked for.
+        details (`dict`, *optional*): facts a report records about how the codes were made (e.g. a baseline's
+            training-set size and method), JSON-ready.
+    """
+
+    map_at_k: float
+    pr_curve: tuple[torch.Tensor, torch.Tensor] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_model(
+    model: Any,
+    queries: datasets.Dataset,
+    database: datasets.Dataset,
+    *,
+    top_k: int | None,
+    distance: str | None = None,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    pr_curve: bool = False,
+    show_progress_bar: bool = True,
+    feature_cache_dir: str | os.PathLike | None = None,
+) -> RetrievalResult:
+    """mAP@top_k of a MeCoQ model: query embeddings (`model.embed`) against database codes (`model.encode`).
+
+    Both splits are labelled normal-form image datasets (`data.py`). Their backbone features are computed
+    through the model's evaluation transform (optionally kept in `feature_cache_dir`, where the training run
+    and the PQ baseline find them too), then projected and quantized: the same embeddings and codes as
+    `model.embed` / `model.encode` on the images. The scoring follows the model's config (`distance`,
+    `normalize_query_subvectors`).
+
+    Args:
+        model: a `MeCoQModel` (anything with `config`, `backbone`, `projection`, `quantizer`, `codebooks`).
+        queries, database: datasets with an `image` column and a `label` or `labels` column.
+        top_k: K of mAP@K; None for the whole database.
+        distance: "asymmetric" or "symmetric"; None: the model config's.
+        accelerator: split the feature extraction over its processes (every process gets the full result).
+        batch_size, num_workers, show_progress_bar: of the feature extraction.
+        pr_curve: also compute the precision-recall curve over the full ranking.
+        feature_cache_dir: keep and reuse the backbone features on disk (`feature_cache.compute_features`).
+    """
+    from .feature_cache import compute_features
+    from .transforms import build_eval_transform
+
+    for images, side in ((queries, "query"), (database, "database")):
+        if not {"label", "labels"} & set(images.column_names):
+            raise ValueError(
+                f"The {side} split has no labels (columns {images.column_names}): mAP needs a label column."
+            )
+    transform = build_eval_transform(model.backbone.data_config)
+    query_features, database_features = (
+        compute_features(model.backbone, split, transform, batch_size=batch_size, accelerator=accelerator,
+                         show_progress_bar=show_progress_bar, cache_dir=feature_cache_dir)  # fmt: skip
+        for split in (queries, database)
+    )
+    return evaluate_features(model, query_features, database_features, top_k=top_k, distance=distance,
+                             pr_curve=pr_curve)  # fmt: skip
+
+
+def evaluate_features(
+    model: Any,
+    queries: EncodedDataset,
+    database: EncodedDataset,
+    *,
+    top_k: int | None,
+    distance: str | None = None,
+    pr_curve: bool = False,
+) -> RetrievalResult:
+    """`evaluate_model` from labelled backbone features (N, F) of the query and database splits."""
+    for encoded, side in ((queries, "query"), (database, "database")):
+        if encoded.labels is None:
+            raise ValueError(f"The {side} features carry no labels: mAP needs the splits' label column.")
+    was_training = model.training
+    model.eval()
+    try:
+        query_embeddings = embed_features(model, queries.outputs)  # (Q, d)
+        database_codes = quantize_embeddings(model, embed_features(model, database.outputs))  # (N, M)
+    finally:
+        model.train(was_training)
+    config = model.config
+    scores = score_codes(
+        query_embeddings, database_codes, model.codebooks().detach().cpu(), distance or config.distance,
+        config.normalize_query_subvectors,
+    )  # fmt: skip
+    labels = (queries.labels, database.labels)
+    top_k = min(top_k, database_codes.shape[0]) if top_k is not None else None
+    return RetrievalResult(
+        mean_average_precision(scores, *labels, top_k),
+        precision_recall_curve(scores, *labels) if pr_curve else None,
+    )
+
+
 # evaluator (sentence-transformers contract)
 
 
@@ -460,20 +568,9 @@ class RetrievalEvaluator:
 
     def _append_results(self, folder: Path, record: dict[str, Any]) -> None:
         """Append one record to the JSON list in `folder`, rewriting the file atomically."""
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.results_file_name
-        records = json.loads(path.read_text()) if path.exists() else []
-        records.append(record)
-        handle, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(records, file, indent=2)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        records = read_json(path, "Evaluation results") if path.exists() else []
+        write_json(path, [*records, record])
 
 
 def _pick_labels(given: torch.Tensor | None, from_batches: torch.Tensor | None, side: str) -> torch.Tensor:
@@ -489,9 +586,12 @@ def _pick_labels(given: torch.Tensor | None, from_batches: torch.Tensor | None, 
 __all__ = [
     "CodeScores",
     "RetrievalEvaluator",
+    "RetrievalResult",
     "ScoreMatrix",
     "average_precision",
     "evaluate_codes",
+    "evaluate_features",
+    "evaluate_model",
     "mean_average_precision",
     "precision_at_n_curve",
     "precision_recall_curve",

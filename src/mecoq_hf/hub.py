@@ -5,6 +5,7 @@
   without their card or codebooks from another revision.
 - `download_codebooks` fetches only `codebooks.safetensors`: enough to decode or search codes made elsewhere.
 - `push_index_to_hub` / `load_index_from_hub` move a `CodeIndex` file through a dataset (or model) repo.
+- `load_model` opens a saved model from a local folder or a Hub id, ready for encoding (float32, eval mode).
 - The model card comes from `model_card.build_model_card` (a training run record -> `ModelCard`).
 
 Uploads go through `HfApi.create_commit` with the operations listed here rather than `upload_folder`: with
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
+from .file_io import read_json
 from .model_card import build_model_card
 from .quantization import CODEBOOKS_FILE, load_codebooks
 
@@ -348,10 +350,49 @@ def _check_model_folder(folder: Path) -> dict[str, Any]:
     return config
 
 
+def load_model(model: str | os.PathLike) -> MeCoQModel:
+    """A saved MeCoQ model from a local folder or a Hub id (`namespace/name`), in float32 and eval mode.
+
+    A folder must hold the `config.json` (model_type "mecoq") that `save_pretrained` and `mecoq train` write.
+    A string that is not an existing path and has the form `namespace/name` is loaded from the Hub.
+
+    Raises:
+        ValueError: the folder is not a MeCoQ model folder, or the Hub id cannot be loaded.
+        FileNotFoundError: the path does not exist and is not a Hub id.
+    """
+    import torch
+
+    from .modeling_mecoq import MeCoQModel
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ValueError(
+                f"{folder} has no config.json: it is not a saved MeCoQ model folder. Pass the --output-dir of "
+                "`mecoq train` or a folder written by `MeCoQModel.save_pretrained`."
+            )
+        model_type = read_json(config_path, "Model config").get("model_type")
+        if model_type != "mecoq":
+            raise ValueError(f"{config_path} has model_type {model_type!r}, expected 'mecoq'.")
+        return MeCoQModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    if folder.exists() or str(model).startswith(("/", ".", "~")) or str(model).count("/") != 1:
+        raise FileNotFoundError(
+            f"Model folder {folder} does not exist (expected a folder or a Hub id org/name)."
+        )
+    try:
+        return MeCoQModel.from_pretrained(str(model), dtype=torch.float32).eval()
+    except OSError as error:  # transformers' "not found / offline" errors for Hub ids
+        raise ValueError(
+            f"{str(model)!r} is neither a local model folder nor a loadable Hub model: {error}"
+        ) from error
+
+
 __all__ = [
     "HubUploadError",
     "download_codebooks",
     "load_index_from_hub",
+    "load_model",
     "push_folder_to_hub",
     "push_index_to_hub",
     "push_model_to_hub",

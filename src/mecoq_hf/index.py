@@ -3,8 +3,9 @@
 `CodeIndex` keeps the hard codes (N, M), the codebooks (M, K, D) and int64 user ids, and answers top-k queries
 with asymmetric (query embedding vs. codewords, METHOD.md §7) or symmetric scores. It follows faiss' verbs
 (`add`, `search`, `ntotal`, `reconstruct`) and can export itself as a faiss `IndexPQ`. Files are safetensors
-with a format version and a checksum. Ranking ties are broken by database position (lower first), as in
-`evaluation.py`; `encoding.encode_dataset` produces the codes from a dataloader.
+with a format version and a checksum; an optional JSON sidecar next to the file (`save_sidecar`) records what
+the ids stand for (labels, image paths, the data source and the model). Ranking ties are broken by database
+position (lower first), as in `evaluation.py`; `encoding.encode_dataset` produces the codes from a dataloader.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .file_io import read_json, write_atomic, write_json
 from .quantization import check_codebooks, check_codes, code_dtype, decode_codes, hard_codes
 from .ranking import (
     DISTANCES,
@@ -49,6 +50,8 @@ METADATA_KEYS = (
     "distance",
     "normalize_query_subvectors",
 )
+SIDECAR_SUFFIX = ".meta.json"
+SIDECAR_FORMAT = "mecoq-hf/index-sidecar"
 
 
 class IndexFormatError(ValueError):
@@ -321,23 +324,14 @@ class CodeIndex:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index as one safetensors file, atomically (temp file in the folder, fsync, rename)."""
-        path = Path(path)
+        """Write the index as one safetensors file, atomically (temp file in the folder, fsync, rename).
+
+        Missing parent folders are created.
+        """
         tensors = {"codebooks": self.codebooks, "codes": self.codes, "ids": self.ids}
         metadata = self._metadata()
         metadata["sha256"] = _checksum(tensors, metadata)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, temp_name, metadata=metadata)
-            with open(temp_name, "rb") as written:
-                os.fsync(written.fileno())
-            os.chmod(temp_name, 0o644)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str = "native") -> CodeIndex:
@@ -427,12 +421,77 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         raise IndexFormatError(f"{path}: tensor shapes or dtypes do not match the metadata {dict(metadata)}.")
 
 
+# sidecar: what the ids of an index file are
+
+
+def sidecar_path(index_path: str | os.PathLike) -> Path:
+    """`index.safetensors` -> `index.meta.json`: where the description of an index's items is stored."""
+    return Path(index_path).with_suffix(SIDECAR_SUFFIX)
+
+
+def save_sidecar(
+    index_path: str | os.PathLike,
+    *,
+    model: str | os.PathLike,
+    data: Mapping[str, Any],
+    ids: Sequence[int],
+    labels: Sequence[Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    paths: Sequence[str | None] | None = None,
+) -> Path:
+    """Describe the items of an index file in a JSON file next to it (`sidecar_path`), written atomically.
+
+    The index holds only codes and ids; the sidecar says what the ids stand for, so that a search can print
+    labels and file paths and reload the retrieved images. `load_sidecar` reads it back.
+
+    Args:
+        index_path: the index file the sidecar belongs to.
+        model: the model the codes were made with: a folder (stored as an absolute path) or a Hub id.
+        data: how to reload the indexed images, e.g. `data.DataSource.to_dict()`.
+        ids: the index's ids, in insertion order.
+        labels: one label per id (a class id or a multi-hot list); None for unlabelled images.
+        class_names: the names of the class ids, if known.
+        paths: one image file path per id (None for images stored as bytes); stored only if any is set.
+    """
+    model_folder = Path(model).expanduser()
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "version": 1,
+        "model": str(model_folder.resolve()) if model_folder.is_dir() else str(model),
+        "data": dict(data),
+        "class_names": list(class_names) if class_names is not None else None,
+        "ids": [int(item) for item in ids],
+        "labels": list(labels) if labels is not None else None,
+        "paths": list(paths) if paths is not None and any(paths) else None,
+    }
+    return write_json(sidecar_path(index_path), sidecar, indent=None)
+
+
+def load_sidecar(index_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The sidecar written by `save_sidecar` for `index_path`, or None when there is none.
+
+    Raises `ValueError` when the file is damaged or is not a mecoq index sidecar.
+    """
+    path = sidecar_path(index_path)
+    if not path.is_file():
+        return None
+    sidecar = read_json(path, "Index sidecar")
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"{path} is not a mecoq index sidecar (format {SIDECAR_FORMAT!r} expected).")
+    return sidecar
+
+
 __all__ = [
     "BACKENDS",
     "DISTANCES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "SIDECAR_FORMAT",
+    "SIDECAR_SUFFIX",
     "CodeIndex",
     "IndexFormatError",
     "SearchResult",
+    "load_sidecar",
+    "save_sidecar",
+    "sidecar_path",
 ]

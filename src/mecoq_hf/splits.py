@@ -3,20 +3,32 @@
 - `retrieval_splits`: seeded, optionally class-stratified splits for any dataset;
 - the paper protocols of METHOD.md §8: CIFAR-10 I and II (`cifar10_protocol_splits`), Flickr25K
   (`flickr25k_splits`) and NUS-WIDE from its fixed list files (`nuswide_splits`);
-- multi-label list files (NUS-WIDE "path + 0/1 labels" lines, Flickr25K `img.txt` + `targets.txt`).
+- multi-label list files (NUS-WIDE "path + 0/1 labels" lines, Flickr25K `img.txt` + `targets.txt`);
+- `SplitDefinition`: a data source plus one of these protocols, recorded in a run's `splits.json` with a
+  fingerprint of every split, so that evaluation rebuilds exactly the splits a model was trained on.
 
-Every split keeps the `index` column, so retrieval results map back to the source rows. Only numpy and
-`datasets` are needed: nothing here touches torch or the image transforms.
+Every split keeps the `index` column, so retrieval results map back to the source rows. The split functions
+need only numpy and `datasets`; `SplitDefinition` loads its images through `data.DataSource`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
+
+from .data import DataSource
+from .file_io import read_json, write_json
+
+SPLITS_FILE = "splits.json"
+SPLITS_FORMAT = "mecoq-hf/splits"
+PROTOCOLS = ("random", "cifar10-i", "cifar10-ii", "flickr25k")
 
 # helpers
 
@@ -260,11 +272,136 @@ def nuswide_splits(image_root: str | os.PathLike, list_dir: str | os.PathLike) -
     )
 
 
+# recorded splits (splits.json)
+
+
+def split_fingerprint(split: Dataset) -> str:
+    """sha256 of a split's `index` column: proves that a rebuilt split holds exactly the recorded items."""
+    index = np.asarray(split["index"] if len(split) else [], dtype=np.int64)
+    return hashlib.sha256(index.tobytes()).hexdigest()
+
+
+@dataclass
+class SplitDefinition(DataSource):
+    """A `DataSource` plus how it splits into query / validation / database / train.
+
+    Training records it in `<output_dir>/splits.json` (`save`) together with each split's size and a
+    fingerprint of its `index` column; evaluation rebuilds the splits from it (`read`, `build`) and checks
+    the fingerprints (`check_against`), so a model is tested on exactly the splits it was selected on.
+
+    Args:
+        protocol (`str`, *optional*, defaults to "random"): "random" (`retrieval_splits`), "cifar10-i" /
+            "cifar10-ii" (`cifar10_protocol_splits`, fixed 1,000 queries per class; use split "train+test"
+            for the merged 60k images) or "flickr25k" (`flickr25k_splits`).
+        num_query, num_validation, num_train (`int`): split sizes (num_train None: train = the whole database;
+            Flickr25K: 5,000).
+        seed (`int`, *optional*, defaults to 2021): seed of the split draw (the paper's).
+        per_class, train_from_database (`bool`): as in `retrieval_splits`.
+        The other arguments are `DataSource`'s.
+
+    Example:
+        >>> definition = SplitDefinition(source="fashion-mnist", limit=100, num_query=10, num_validation=10)
+        >>> splits = definition.build()
+        >>> definition.describe(splits)
+        'fashion-mnist: random splits (seed 2021): 10 query, 10 validation, 80 database, 80 train'
+    """
+
+    protocol: str = "random"
+    num_query: int = 1000
+    num_validation: int = 1000
+    num_train: int | None = None
+    seed: int = 2021
+    per_class: bool = True
+    train_from_database: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
+
+    def build(self) -> DatasetDict:
+        """Load the images and split them: a `DatasetDict` with query, validation, database and train."""
+        images = self.load()
+        if self.protocol in ("cifar10-i", "cifar10-ii"):
+            protocol = "I" if self.protocol == "cifar10-i" else "II"
+            return cifar10_protocol_splits(
+                images, protocol, seed=self.seed, num_validation=self.num_validation
+            )
+        if self.protocol == "flickr25k":
+            return flickr25k_splits(
+                images,
+                seed=self.seed,
+                num_query=self.num_query,
+                num_train=self.num_train or 5000,
+                num_validation=self.num_validation,
+            )
+        return retrieval_splits(
+            images,
+            num_query=self.num_query,
+            num_validation=self.num_validation,
+            num_train=self.num_train,
+            seed=self.seed,
+            per_class=self.per_class,
+            train_from_database=self.train_from_database,
+        )
+
+    def describe(self, splits: DatasetDict) -> str:
+        """One line for logs and model cards: source, protocol, seed and the size of each split."""
+        sizes = ", ".join(
+            f"{len(splits[name])} {name}" for name in ("query", "validation", "database", "train")
+        )
+        return f"{self.name}: {self.protocol} splits (seed {self.seed}): {sizes}"
+
+    def record(self, splits: DatasetDict) -> dict[str, Any]:
+        """The `splits.json` content: this definition, the split sizes and their fingerprints."""
+        return {
+            "format": SPLITS_FORMAT,
+            "version": 1,
+            "definition": dataclasses.asdict(self),
+            "sizes": {name: len(split) for name, split in splits.items()},
+            "fingerprints": {name: split_fingerprint(split) for name, split in splits.items()},
+        }
+
+    def save(self, splits: DatasetDict, folder: str | os.PathLike) -> Path:
+        """Write `record(splits)` to `<folder>/splits.json` atomically; call it on the main process only."""
+        return write_json(Path(folder) / SPLITS_FILE, self.record(splits))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> tuple[SplitDefinition, dict[str, Any]]:
+        """(definition, full record) from a `splits.json` written by `save`."""
+        path = Path(path)
+        record = read_json(path, "Split record")
+        if not isinstance(record, dict) or record.get("format") != SPLITS_FORMAT:
+            raise ValueError(f"{path} is not a mecoq split record (format {SPLITS_FORMAT!r} expected).")
+        definition = record.get("definition") or {}
+        unknown = sorted(set(definition) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"{path} records unknown data settings {unknown}: it was written by another mecoq-hf version "
+                "or edited by hand. Remove those keys, or train again to record the splits."
+            )
+        return cls(**definition), record
+
+    def check_against(self, splits: DatasetDict, record: dict[str, Any], fix: str) -> None:
+        """Raise `ValueError` (with `fix` as the advice) if the rebuilt splits differ from the recorded ones."""
+        for name, expected in (record.get("fingerprints") or {}).items():
+            if name in splits and split_fingerprint(splits[name]) != expected:
+                raise ValueError(
+                    f"The {name} split built from {self.source!r} differs from the one recorded in {SPLITS_FILE}: "
+                    f"the data or the split options changed since. {fix}"
+                )
+
+
 __all__ = [
+    "PROTOCOLS",
+    "SPLITS_FILE",
+    "SPLITS_FORMAT",
+    "SplitDefinition",
     "cifar10_protocol_splits",
     "flickr25k_splits",
     "load_multilabel_list",
     "nuswide_splits",
     "read_multilabel_list",
     "retrieval_splits",
+    "split_fingerprint",
 ]

@@ -32,9 +32,9 @@ from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 
 from .configuration_mecoq import MeCoQConfig
-from .data import make_eval_dataloader, make_train_dataloader
-from .encoding import EncodedDataset, encode_dataset
-from .evaluation import evaluate_codes
+from .data import make_train_dataloader
+from .encoding import EncodedDataset
+from .evaluation import evaluate_features
 from .feature_cache import CachedViewPairs, compute_features, compute_view_features
 from .modeling_mecoq import MeCoQModel
 from .transforms import build_eval_transform, build_train_transform
@@ -256,19 +256,22 @@ def _write_json(path: Path, payload: Any) -> None:
 class ValidationSet:
     """Labelled validation queries and database for model selection by mAP@top_k.
 
-    With a frozen backbone the backbone features of both splits are computed once (`cache_features`), and each
-    evaluation only re-runs the projection and the quantizer; otherwise the images are encoded every time.
+    Each evaluation extracts the backbone features of both splits and scores the head on them
+    (`evaluation.evaluate_features`). With a frozen backbone the features never change, so they are
+    extracted once (`cache_features`) and each epoch only re-runs the projection and the quantizer.
     """
 
     def __init__(self, queries: Dataset, database: Dataset, top_k: int | None, batch_size: int, num_workers: int = 0):
-        self.queries, self.database = queries, database
-        self.top_k = min(top_k, len(database)) if top_k is not None else None
+        self.queries, self.database, self.top_k = queries, database, top_k
         self.batch_size, self.num_workers = batch_size, num_workers
         self.features: tuple[EncodedDataset, EncodedDataset] | None = None
 
     def cache_features(self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | None = None) -> None:
+        self.features = self._features(network, accelerator, cache_dir)
+
+    def _features(self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | None = None):
         transform = build_eval_transform(network.backbone.data_config)
-        self.features = tuple(
+        return tuple(
             compute_features(network.backbone, split, transform, batch_size=self.batch_size, accelerator=accelerator,
                              show_progress_bar=False, cache_dir=cache_dir)  # fmt: skip
             for split in (self.queries, self.database)
@@ -276,37 +279,8 @@ class ValidationSet:
 
     def mean_average_precision(self, model: torch.nn.Module, accelerator: Accelerator) -> float:
         network: MeCoQModel = accelerator.unwrap_model(model)
-        if self.features is not None:
-            queries, database = self._encode_features(network, *self.features)
-        else:
-            queries, database = self._encode_images(model, network, accelerator)
-        for encoded, side in ((queries, "validation queries"), (database, "database")):
-            if encoded.labels is None:
-                raise ValueError(f"The {side} have no labels: model selection by mAP needs a `label` or `labels` column.")
-        return evaluate_codes(
-            queries.outputs, database.outputs, network.codebooks().detach(), queries.labels, database.labels,
-            top_k=self.top_k, distance=network.config.distance,
-            normalize_query_subvectors=network.config.normalize_query_subvectors,
-        )  # fmt: skip
-
-    def _encode_images(self, model, network: MeCoQModel, accelerator: Accelerator) -> tuple[EncodedDataset, EncodedDataset]:
-        transform = build_eval_transform(network.backbone.data_config)
-        loaders = [make_eval_dataloader(s, transform, self.batch_size, self.num_workers) for s in (self.queries, self.database)]
-        return (
-            encode_dataset(model, loaders[0], accelerator, method="embed", show_progress_bar=False),
-            encode_dataset(model, loaders[1], accelerator, method="encode", show_progress_bar=False),
-        )
-
-    @torch.no_grad()
-    def _encode_features(self, network: MeCoQModel, queries: EncodedDataset, database: EncodedDataset):
-        was_training = network.training
-        network.eval()
-        device = network.projection.weight.device
-        embeddings = torch.cat([network.projection(chunk.to(device)).cpu() for chunk in queries.outputs.split(4096)])
-        codes = torch.cat([network.quantizer.encode(network.projection(chunk.to(device))).cpu()
-                           for chunk in database.outputs.split(4096)])  # fmt: skip
-        network.train(was_training)
-        return queries._replace(outputs=embeddings), database._replace(outputs=codes)
+        features = self.features or self._features(network, accelerator)
+        return evaluate_features(network, *features, top_k=self.top_k).map_at_k
 
 
 # the loop
