@@ -17,24 +17,28 @@ BIN=${BIN:-.venv/bin}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 rm -rf "$OUT"  # the demo's own folder: always a fresh run
-echo "== 1/4 train (32 bits: 4 codebooks x 256 codewords)"
+echo "== 1/5 train (32 bits: 4 codebooks x 256 codewords)"
 "$BIN/mecoq" train --preset paper --dataset fashion-mnist --split test \
     --num-query 1000 --num-validation 500 --train-size 3000 --seed 0 \
     --image-size 64 --bits 32 --epochs 10 --set training.cached_views=6 \
     --set training.feature_cache_dir="$OUT/feature_cache" --no-progress --output-dir "$OUT"
 
-echo "== 2/4 evaluate: mAP@1000 of the queries against the database, next to PQ on the same frozen features"
+echo "== 2/5 evaluate: mAP@1000 of the queries against the database, next to PQ on the same frozen features"
 "$BIN/mecoq" evaluate "$OUT" --top-k 1000 --baseline pq --feature-cache "$OUT/feature_cache" \
     --output "$OUT/metrics.json" --pr-curve "$OUT/pr_curve.png"
 
-echo "== 3/4 index the 10,000 test images (4 bytes each)"
+echo "== 3/5 index the 10,000 test images (4 bytes each)"
 "$BIN/mecoq" index build "$OUT" --dataset fashion-mnist --split test --output "$OUT/index.safetensors"
 
-echo "== 4/4 search with an image the index has never seen (the first training image)"
+echo "== 4/5 search with an image the index has never seen (the first training image)"
 "$BIN/python" - "$OUT/query.png" <<'PY'
 import sys
 from mecoq_hf.data import load_fashion_mnist
 load_fashion_mnist("train", limit=1)[0]["image"].save(sys.argv[1])
 PY
 "$BIN/mecoq" search "$OUT/index.safetensors" --model "$OUT" --image "$OUT/query.png" --top-k 10 --grid "$OUT/search.png"
-echo "Done: model, metrics.json, pr_curve.png, index.safetensors and search.png are in $OUT"
+
+echo "== 5/5 model card (README.md of the model folder, with the mAP as model-index entries)"
+"$BIN/mecoq" card "$OUT" --metrics "$OUT/metrics.json"
+echo "Done: the model with its card, metrics.json, pr_curve.png, index.safetensors and search.png are in $OUT"
+echo "Share it: $BIN/mecoq push $OUT your-name/mecoq-fashion-mnist-32bit --metrics $OUT/metrics.json"

@@ -119,7 +119,8 @@ def test_help_runs_as_a_module_and_as_the_console_script():
 
 
 @pytest.mark.parametrize(
-    "command", [["train"], ["evaluate"], ["encode"], ["index", "build"], ["search"], ["push"], ["push-index"]]
+    "command",
+    [["train"], ["evaluate"], ["encode"], ["index", "build"], ["search"], ["card"], ["push"], ["push-index"]],
 )
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -207,6 +208,21 @@ def test_evaluate_writes_metrics_and_a_pr_curve(trained, tmp_path, capsys):
     assert result["metrics"]["map@100"] == pytest.approx(expected, abs=1e-9)
     assert f"{expected:.4f}" in out
     assert assert_png(curve).size[0] > 100
+
+
+def test_card_reports_the_evaluated_map_as_model_index(trained, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    metrics, card_path = tmp_path / "metrics.json", tmp_path / "card" / "README.md"
+    assert run_cli(["evaluate", str(trained), "--output", str(metrics), "--no-progress"], capsys)[0] == 0
+    status, out, _ = run_cli(["card", str(trained), "--metrics", str(metrics), "--repo-id", "me/tiny",
+                              "--output", str(card_path)], capsys)  # fmt: skip
+    assert status == 0 and str(card_path) in out
+    card = ModelCard.load(card_path)
+    expected = json.loads(metrics.read_text())["metrics"]["map@100"]
+    values = [result.metric_value for result in card.data.eval_results]
+    assert any(value == pytest.approx(expected, abs=1e-4) for value in values)
+    assert "me/tiny" in card.text and "16-bit code" in card.text
 
 
 def test_evaluate_with_the_faiss_pq_baseline(trained, tmp_path, capsys):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import DataSource
-from .file_io import read_json, write_json
+from .file_io import read_json, write_atomic, write_json
 from .splits import PROTOCOLS, SPLITS_FILE, SplitDefinition
 
 if TYPE_CHECKING:
@@ -616,6 +616,23 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from .model_card import build_model_card
+
+    folder = Path(args.model)
+    record_path = folder / "run_record.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path} does not exist: `mecoq card` needs a folder written by mecoq train.")
+    run_record = read_json(record_path, "Run record")
+    if args.metrics:
+        run_record = _with_evaluation(run_record, folder, Path(args.metrics))
+    output = Path(args.output) if args.output else folder / "README.md"
+    card = build_model_card(run_record, repo_id=args.repo_id)
+    write_atomic(output, lambda name: card.save(name))
+    print(f"Model card written to {output}")
+    return 0
+
+
 def _with_evaluation(run_record: dict[str, Any] | None, folder: Path, metrics_path: Path) -> dict[str, Any]:
     """Merge a `mecoq evaluate --output` file into the run record, so the card reports the test mAP."""
     if not metrics_path.is_file():
@@ -868,6 +885,20 @@ def _hub_parsers(commands: Any) -> None:
     )
     push.add_argument("--revision", help="branch (created if missing; default main)")
     push.add_argument("--commit-message")
+    card = _subparser(
+        commands,
+        "card",
+        cmd_card,
+        "write the model card of a model folder",
+        "Render the model card (what MeCoQ is, backbone and weights licence, bits, hyperparameters, mAP results\n"
+        "as model-index entries) from run_record.json, by default into MODEL_DIR/README.md.",
+    )
+    card.add_argument("model", metavar="MODEL_DIR")
+    card.add_argument(
+        "--metrics", metavar="metrics.json", help="a mecoq evaluate --output file to report on the card"
+    )
+    card.add_argument("--repo-id", metavar="REPO_ID", help="the repo the card will live in (for its usage snippet)")
+    card.add_argument("--output", metavar="FILE", help="default: MODEL_DIR/README.md")
     push_index = _subparser(
         commands,
         "push-index",
