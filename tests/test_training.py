@@ -134,6 +134,7 @@ def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, f
             "training_args.json", "run_record.json", "log.jsonl"} <= files  # fmt: skip
     record = json.loads((tmp_path / "run_record.json").read_text())
     assert record["metrics"]["best_validation_map"] == pytest.approx(result.best_metric)
+    assert record["training_args_defaults"]["num_epochs"] == 50 and record["training_args"]["num_epochs"] == 3
     steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert {"loss", "contrastive", "entropy", "lr", "images_per_second"} <= steps[0].keys()
 

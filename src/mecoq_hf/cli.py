@@ -344,6 +344,8 @@ def _annotate_run_record(output_dir: Path, definition: SplitDefinition, splits: 
     dataset.update(name=definition.name, train_split="train", protocol=definition.describe(splits))
     if definition.hub_id:
         dataset["id"] = definition.hub_id
+    if definition.source == "fashion-mnist":
+        dataset["license"] = "mit"  # Zalando Research's Fashion-MNIST
     write_json(path, record)
 
 

@@ -517,6 +517,7 @@ def run_record(config, args, state, train_dataset, accelerator, finished: bool) 
         "config": config.to_dict(),
         "config_changes": config.to_diff_dict(),
         "training_args": args.to_dict(),
+        "training_args_defaults": TrainingArguments(output_dir=args.output_dir).to_dict(),
         "dataset": {"train_size": len(train_dataset), "info": getattr(train_dataset.info, "description", "") or ""},
         "metrics": {
             "best_validation_map": state.best_metric,
