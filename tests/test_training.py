@@ -160,3 +160,14 @@ def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
     losses = [record["loss"] for record in steps if record.get("event") == "step" and record["epoch"] == 0]
     assert losses[-1] < losses[0]
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob(".saving-*"))
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, fashion_images):
+    warnings.simplefilter("ignore")
+    config = MeCoQConfig(**{**TINY, "memory_start_epoch": 0})
+    result = train(config, tiny_args(tmp_path, num_epochs=1, mixed_precision="bf16"), fashion_images)
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in steps if record["event"] == "step"]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert result.model.memory.codes.dtype == torch.float32 and result.model.memory.num_filled == 16
+    assert result.model.projection.weight.dtype == torch.float32  # master weights stay fp32
