@@ -7,6 +7,8 @@ Everything runs in one process, side by side, on the same random data:
 2. mAP: `mean_average_precision` vs a plain per-query NumPy loop (stable argsort, then AP@K), on a size the
    loop handles in reasonable time; checks the values are equal.
 3. scale: `evaluate_codes` for 10,000 queries against 1,000,000 codes (mAP@1000), to show bounded memory.
+4. scale curve (`--curve-sizes`, off by default; `bench_speed.py` runs it): search time and peak memory against
+   database size (e.g. 10^4 ... 10^7 random codes), native backend vs faiss `IndexPQ` on the same codes.
 
 Parts 1 and 2 run once per thread count in `--threads` (torch and faiss get the same count); part 3 uses the
 first. On a machine shared with other jobs torch's per-operation OpenMP regions stall when a thread is
@@ -126,6 +128,46 @@ def bench_search(num_codebooks: int, threads: int, args: argparse.Namespace) -> 
         "max_abs_score_difference": float(np.abs(native.scores.numpy() - faiss_scores).max()),
         "same_id_fraction": float((native.ids.numpy() == positions).mean()),
     }
+
+
+def bench_scale_curve(sizes: list[int], num_queries: int, k: int, num_codebooks: int = 4, repeats: int = 2) -> list[dict]:
+    """Search time and peak RSS growth against database size, native vs faiss, on the same random codes.
+
+    `index_mib` is the memory the codes themselves take (M bytes per item; faiss holds its own copy).
+    """
+    rows = []
+    for size in sizes:
+        codebooks, codes, queries = random_index_data(num_codebooks, size, num_queries, seed=num_codebooks)
+        index = CodeIndex(codebooks)
+        index.add(codes)
+        faiss_index = index.to_faiss()
+        index.search(queries[:4], k), faiss_index.search(queries[:4].numpy(), k)  # warm-up
+        native_s, _, native_mib = timed(lambda index=index, queries=queries: index.search(queries, k), repeats)
+        faiss_s, _, faiss_mib = timed(
+            lambda faiss_index=faiss_index, queries=queries: faiss_index.search(queries.numpy(), k), repeats
+        )
+        rows.append({
+            "threads": torch.get_num_threads(), "M": num_codebooks, "database": size, "queries": num_queries, "k": k,
+            "native_s": native_s, "faiss_s": faiss_s, "native_ms_per_query": 1000 * native_s / num_queries,
+            "faiss_ms_per_query": 1000 * faiss_s / num_queries, "native_peak_mib": native_mib,
+            "faiss_peak_mib": faiss_mib, "index_mib": size * num_codebooks / 2**20,
+        })  # fmt: skip
+        del index, faiss_index, codes  # free this size's codes before building the next, larger one
+    return rows
+
+
+def scale_curve_markdown(rows: list[dict]) -> str:
+    lines = [("| codes (M=4, 4 bytes each) | queries, k | native (s) | faiss IndexPQ (s) | native / faiss | "
+              "ms per query native / faiss | peak RSS growth native / faiss (MiB) | codes (MiB) |"),
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        lines.append(
+            f"| {row['database']:,} | {row['queries']}, {row['k']} | {row['native_s']:.3f} | {row['faiss_s']:.3f} | "
+            f"{row['native_s'] / row['faiss_s']:.2f} | {row['native_ms_per_query']:.2f} / "
+            f"{row['faiss_ms_per_query']:.2f} | {row['native_peak_mib']:.0f} / {row['faiss_peak_mib']:.0f} | "
+            f"{row['index_mib']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def numpy_map(scores: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, top_k: int) -> float:
@@ -258,6 +300,8 @@ def markdown(results: dict) -> str:
                 f"{row['seconds']:.0f} | {row['peak_mib']:.0f} | {row['map']:.4f} |"
             ),
         ]
+    if results.get("scale_curve"):
+        lines += ["", scale_curve_markdown(results["scale_curve"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +316,9 @@ def main() -> None:
     parser.add_argument("--map-top-k", type=int, default=1_000)
     parser.add_argument("--scale-queries", type=int, default=10_000, help="0 skips the scale run")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts for parts 1 and 2")
+    parser.add_argument("--curve-sizes", default="", help="comma-separated database sizes for part 4, e.g. "
+                        "10000,100000,1000000,10000000 (empty: skip)")
+    parser.add_argument("--curve-queries", type=int, default=100)
     parser.add_argument("--output", type=Path, default=RESULTS / "index.json")
     args = parser.parse_args()
 
@@ -289,6 +336,9 @@ def main() -> None:
         results["map"] += bench_map(threads, args)
     set_threads(thread_counts[0])
     results["scale"] = bench_scale(args) if args.scale_queries else None
+    if args.curve_sizes:
+        sizes = [int(float(size)) for size in args.curve_sizes.split(",")]
+        results["scale_curve"] = bench_scale_curve(sizes, args.curve_queries, args.k)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     table = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,12 @@ def test_binary_codes_have_bits_over_8_bytes_and_match_themselves(method_class):
     assert torch.equal(torch.diagonal(method.scores(features[:50], codes)[0:50]), torch.full((50,), 32.0))
 
 
+def test_hamming_scores_refuse_codes_of_another_length():
+    codes = pack_bits(torch.ones(3, 16, dtype=torch.bool))  # (3, 2) bytes: 16 bits
+    with pytest.raises(ValueError, match=r"db_codes must be packed bits of shape \(N, 4\)"):
+        HammingScores(pack_bits(torch.ones(1, 32, dtype=torch.bool)), codes, bits=32)
+
+
 def test_lsh_is_deterministic_per_seed():
     features, _ = clustered_features(1)
     codes = [LSH(16, seed=seed).fit(features).encode(features) for seed in (3, 3, 4)]

@@ -111,6 +111,12 @@ class HammingScores:
     """
 
     def __init__(self, query_codes: torch.Tensor, db_codes: torch.Tensor, bits: int) -> None:
+        for name, codes in (("query_codes", query_codes), ("db_codes", db_codes)):
+            if codes.dtype != torch.uint8 or codes.ndim != 2 or codes.shape[1] != bits // 8:
+                raise ValueError(
+                    f"{name} must be packed bits of shape (N, {bits // 8}) and dtype uint8 for {bits} bits, got "
+                    f"{tuple(codes.shape)} {codes.dtype}. Encode them with the same LSH / ITQ model."
+                )
         self.bits = bits
         self.query_signs = unpack_bits(query_codes, bits).float() * 2 - 1  # (Q, bits) in {-1, +1}
         self.db_signs = unpack_bits(db_codes, bits).float() * 2 - 1  # (N, bits)
