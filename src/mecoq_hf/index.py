@@ -126,7 +126,7 @@ class CodeIndex:
         ):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive integer, got {size!r}.")
-        # A copy: the model renormalises its codebooks in place during training, the index must not follow.
+        # A copy: the codebooks of a model that keeps training must not change the codes already indexed.
         self.codebooks = codebooks.detach().to("cpu", torch.float32, copy=True).contiguous()  # (M, K, D)
         self.distance = distance
         self.normalize_query_subvectors = normalize_query_subvectors
