@@ -163,7 +163,11 @@ def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, fashion_images):
+    from accelerate.state import AcceleratorState
+
     warnings.simplefilter("ignore")
+    # Accelerate keeps one process-wide state: earlier tests' fp32 Accelerators must not fix the precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
     config = MeCoQConfig(**{**TINY, "memory_start_epoch": 0})
     result = train(config, tiny_args(tmp_path, num_epochs=1, mixed_precision="bf16"), fashion_images)
     steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -171,3 +175,4 @@ def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, fashion_images):
     assert losses and all(math.isfinite(loss) for loss in losses)
     assert result.model.memory.codes.dtype == torch.float32 and result.model.memory.num_filled == 16
     assert result.model.projection.weight.dtype == torch.float32  # master weights stay fp32
+    AcceleratorState._reset_state(reset_partial_state=True)
