@@ -40,8 +40,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.evaluation import evaluate_codes, mean_average_precision
-from mecoq_hf.index import CodeIndex
+from mecoq_hf.retrieval.evaluation import evaluate_codes, mean_average_precision
+from mecoq_hf.retrieval.index import CodeIndex
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,7 +130,9 @@ def bench_search(num_codebooks: int, threads: int, args: argparse.Namespace) -> 
     }
 
 
-def bench_scale_curve(sizes: list[int], num_queries: int, k: int, num_codebooks: int = 4, repeats: int = 2) -> list[dict]:
+def bench_scale_curve(
+    sizes: list[int], num_queries: int, k: int, num_codebooks: int = 4, repeats: int = 2
+) -> list[dict]:
     """Search time and peak RSS growth against database size, native vs faiss, on the same random codes.
 
     `index_mib` is the memory the codes themselves take (M bytes per item; faiss holds its own copy).
@@ -142,7 +144,9 @@ def bench_scale_curve(sizes: list[int], num_queries: int, k: int, num_codebooks:
         index.add(codes)
         faiss_index = index.to_faiss()
         index.search(queries[:4], k), faiss_index.search(queries[:4].numpy(), k)  # warm-up
-        native_s, _, native_mib = timed(lambda index=index, queries=queries: index.search(queries, k), repeats)
+        native_s, _, native_mib = timed(
+            lambda index=index, queries=queries: index.search(queries, k), repeats
+        )
         faiss_s, _, faiss_mib = timed(
             lambda faiss_index=faiss_index, queries=queries: faiss_index.search(queries.numpy(), k), repeats
         )
@@ -316,8 +320,11 @@ def main() -> None:
     parser.add_argument("--map-top-k", type=int, default=1_000)
     parser.add_argument("--scale-queries", type=int, default=10_000, help="0 skips the scale run")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts for parts 1 and 2")
-    parser.add_argument("--curve-sizes", default="", help="comma-separated database sizes for part 4, e.g. "
-                        "10000,100000,1000000,10000000 (empty: skip)")
+    parser.add_argument(
+        "--curve-sizes",
+        default="",
+        help="comma-separated database sizes for part 4, e.g. 10000,100000,1000000,10000000 (empty: skip)",
+    )
     parser.add_argument("--curve-queries", type=int, default=100)
     parser.add_argument("--output", type=Path, default=RESULTS / "index.json")
     args = parser.parse_args()

@@ -49,15 +49,15 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from mecoq_hf.backbones import TimmBackbone, load_backbone_weights
-from mecoq_hf.baselines import make_baseline
-from mecoq_hf.configuration_mecoq import MeCoQConfig
-from mecoq_hf.data import load_fashion_mnist
-from mecoq_hf.evaluation import CodeScores, mean_average_precision, precision_recall_curve
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.splits import retrieval_splits
+from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
 from mecoq_hf.feature_cache import compute_features, compute_view_features
-from mecoq_hf.splits import retrieval_splits
-from mecoq_hf.training import TrainingArguments, train
-from mecoq_hf.transforms import build_eval_transform, build_train_transform
+from mecoq_hf.models.mecoq.backbones import TimmBackbone, load_backbone_weights
+from mecoq_hf.models.mecoq.configuration_mecoq import MeCoQConfig
+from mecoq_hf.retrieval.baselines import make_baseline
+from mecoq_hf.retrieval.evaluation import CodeScores, mean_average_precision, precision_recall_curve
+from mecoq_hf.training.trainer import TrainingArguments, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_index import machine
@@ -68,7 +68,7 @@ CACHE = BENCHMARKS / "cache"
 BACKBONE = "tf_efficientnet_lite0"
 BASELINE_NAMES = ("lsh", "itq", "pq", "opq")
 PRESETS = ("official", "paper")
-# Ablations of the better preset (METHOD.md §11.3): each row switches one component off.
+# Ablations of the better preset (docs/method.md §11.3): each row switches one component off.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no-debias": {"loss_mode": "simple"},
     "no-codeword-reg": {"codeword_reg_weight": 0.0},
@@ -97,11 +97,13 @@ class Protocol:
     seed: int = 0
     top_k: int = 1000
     bits: tuple[int, ...] = (16, 32, 64)
-    subvector_dim: int = 16  # MeCoQ embedding_dim = 16 * M, as in the reference scripts (METHOD.md §9)
+    subvector_dim: int = 16  # MeCoQ embedding_dim = 16 * M, as in the reference scripts (docs/method.md §9)
     cached_views: int = 8
     ablation_bits: tuple[int, ...] = (32,)  # all three bit lengths would take the full run past an hour
     threads: int = 1
-    device: str = "cpu"  # where the backbone extracts features ("cuda" in gpu_suite.sh); train() picks its own
+    device: str = (
+        "cpu"  # where the backbone extracts features ("cuda" in gpu_suite.sh); train() picks its own
+    )
     # Chosen on the validation split at 32 bits (tune_mecoq.py, rounds 1-2; BENCHMARKS.md lists every run).
     training: dict[str, Any] = field(default_factory=lambda: {
         "num_epochs": 50, "batch_size": 128, "learning_rate": 0.03, "weight_decay": 1e-3, "patience": 10,
@@ -158,7 +160,9 @@ def channels_last(backbone: TimmBackbone) -> Iterator[None]:
         backbone.to(memory_format=torch.contiguous_format)
 
 
-def extract_features(splits: dict[str, Dataset], protocol: Protocol) -> tuple[dict[str, Any], dict[str, float]]:
+def extract_features(
+    splits: dict[str, Dataset], protocol: Protocol
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Eval-transform features of query / validation / database and the training views, through the cache.
 
     The views are only computed here (and timed); `train()` loads them from the same cache. Returns the
@@ -249,7 +253,12 @@ def mecoq_scores(model, features: dict[str, Any]) -> tuple[CodeScores, torch.Ten
 
 def training_arguments(output_dir: Path, protocol: Protocol, overrides: dict[str, Any]) -> TrainingArguments:
     """The protocol's training settings with `overrides` on top (e.g. another `seed` for a noise study)."""
-    settings = {"cached_views": protocol.cached_views, "seed": protocol.seed, **protocol.training, **overrides}
+    settings = {
+        "cached_views": protocol.cached_views,
+        "seed": protocol.seed,
+        **protocol.training,
+        **overrides,
+    }
     return TrainingArguments(output_dir=str(output_dir), top_k=protocol.top_k, report_to=[], progress_bar=False,
                              keep_checkpoints=1, log_every_steps=1000,
                              feature_cache_dir=str(feature_cache_dir(protocol)), **settings)  # fmt: skip
@@ -278,9 +287,13 @@ def train_mecoq(name: str, preset: str, bits: int, splits: dict[str, Dataset], p
 
 def run_mecoq(label: str, preset: str, bits: int, splits, features, protocol: Protocol,
               overrides: dict[str, Any] | None = None) -> tuple[dict, CodeScores]:  # fmt: skip
-    model, info = train_mecoq(f"{label}-{bits}".replace(" ", "_"), preset, bits, splits, protocol, overrides or {})
+    model, info = train_mecoq(
+        f"{label}-{bits}".replace(" ", "_"), preset, bits, splits, protocol, overrides or {}
+    )
     scores, codes = mecoq_scores(model, features)
-    value = mean_average_precision(scores, features["query"].labels, features["database"].labels, protocol.top_k)
+    value = mean_average_precision(
+        scores, features["query"].labels, features["database"].labels, protocol.top_k
+    )
     seconds = info.pop("train_seconds")
     row = _record(label, bits, value, seconds, protocol, preset=preset, overrides=overrides or {}, **info,
                   **codebook_statistics(model, codes))  # fmt: skip
@@ -293,7 +306,9 @@ def run_mecoq(label: str, preset: str, bits: int, splits, features, protocol: Pr
 
 
 @torch.no_grad()
-def representation_diagnostics(model, features: dict[str, Any], bits: int, protocol: Protocol) -> dict[str, float]:
+def representation_diagnostics(
+    model, features: dict[str, Any], bits: int, protocol: Protocol
+) -> dict[str, float]:
     """Where MeCoQ's quality comes from: its continuous embedding z searched exactly (cosine, no code), and
     faiss PQ fitted on z of the training set instead of MeCoQ's own codebooks (same bits). Diagnostics only:
     nothing is selected with them."""
@@ -342,7 +357,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {method} | {' | '.join(cells)} | {middle['train_seconds']:.1f} |" if middle else
                      f"| {method} | {' | '.join(cells)} | |")  # fmt: skip
     reference = next(r for r in rows if r["bits"] is None)
-    lines.append(f"| cosine on float features (reference) | {reference['map_at_1000']:.4f} (all) |" + " |" * len(bits))
+    lines.append(
+        f"| cosine on float features (reference) | {reference['map_at_1000']:.4f} (all) |" + " |" * len(bits)
+    )
     lines += ["", gap_table(report)]
     mecoq = [r for r in rows if r["method"].startswith("mecoq")]
     lines += ["", ("| MeCoQ run | bits | query mAP@1000 | validation mAP@1000 | best epoch / run | "
@@ -362,7 +379,10 @@ def markdown(report: dict) -> str:
 def gap_table(report: dict) -> str:
     """Per bit length: the best of (b)-(e), the chosen MeCoQ preset, and the difference in mAP points."""
     rows, chosen = report["results"], f"mecoq-{report['chosen_preset_by_validation']}"
-    lines = ["| bits | best baseline (b)-(e) | " + chosen + " | difference (mAP points) |", "|---|---|---|---|"]
+    lines = [
+        "| bits | best baseline (b)-(e) | " + chosen + " | difference (mAP points) |",
+        "|---|---|---|---|",
+    ]
     for bits in report["protocol"]["bits"]:
         baselines = [r for r in rows if r["bits"] == bits and r["method"] in BASELINE_NAMES]
         best = max(baselines, key=lambda r: r["map_at_1000"])
@@ -382,14 +402,22 @@ def plot_map_vs_bits(rows: list[dict], path: Path) -> None:
     FigureCanvasAgg(figure)
     reference = next(r for r in rows if r["bits"] is None)["map_at_1000"]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] is not None))
-    colors = {method: f"C{number % 10}" for number, method in enumerate(methods)}  # same colour in both panels
+    colors = {
+        method: f"C{number % 10}" for number, method in enumerate(methods)
+    }  # same colour in both panels
     for axes, zoomed in zip(figure.subplots(1, 2), (False, True), strict=True):
         for method in methods:
             points = sorted((r["bits"], r["map_at_1000"]) for r in rows if r["method"] == method)
             if zoomed and min(v for _, v in points) < reference - 0.03:
                 continue
             style = "x" if "no-" in method else ("-o" if method.startswith("mecoq") else ":s")
-            axes.plot(*zip(*points), style, color=colors[method], label=method, markersize=8 if "no-" in method else 6)
+            axes.plot(
+                *zip(*points),
+                style,
+                color=colors[method],
+                label=method,
+                markersize=8 if "no-" in method else 6,
+            )
         axes.axhline(reference, color="grey", linewidth=1, label="cosine, float features")
         axes.set(xlabel="bits", ylabel="mAP@1000", title="zoom" if zoomed else "all methods")
         axes.set_xscale("log", base=2)
@@ -420,7 +448,9 @@ def run_protocol(protocol: Protocol) -> dict[str, Any]:
     started = time.perf_counter()
     splits = load_splits(protocol)
     features, extraction_seconds = extract_features(splits, protocol)
-    logger.info("features ready after %.0f s (extraction: %s)", time.perf_counter() - started, extraction_seconds)
+    logger.info(
+        "features ready after %.0f s (extraction: %s)", time.perf_counter() - started, extraction_seconds
+    )
     curves: dict[str, Any] = {}
     rows = run_baselines(features, protocol, curves)
     for preset in PRESETS:
@@ -437,8 +467,13 @@ def run_protocol(protocol: Protocol) -> dict[str, Any]:
     labels = features["query"].labels, features["database"].labels
     pr_curves = {name: curve_points(scores, *labels) for name, scores in curves.items()}
     return {
-        "protocol": {**dataclasses.asdict(protocol), "backbone": BACKBONE, "dataset": "fashion-mnist (Debian)",
-                     "database_size": len(splits["database"]), "metric": f"mAP@{protocol.top_k}"},
+        "protocol": {
+            **dataclasses.asdict(protocol),
+            "backbone": BACKBONE,
+            "dataset": "fashion-mnist (Debian)",
+            "database_size": len(splits["database"]),
+            "metric": f"mAP@{protocol.top_k}",
+        },
         "results": rows,
         "chosen_preset_by_validation": chosen,
         "feature_extraction_seconds": extraction_seconds,
@@ -481,7 +516,9 @@ def plot_figures(report: dict, folder: Path) -> None:
 
     plot_map_vs_bits(report["results"], folder / "map_vs_bits.png")
     curves = {name: (c["precision"], c["recall"]) for name, c in report["pr_curves_32_bits"].items()}
-    plot_pr_curve(curves, folder / "pr_curves_32bits.png", title="Fashion-MNIST, 32 bits (cosine: float features)")
+    plot_pr_curve(
+        curves, folder / "pr_curves_32bits.png", title="Fashion-MNIST, 32 bits (cosine: float features)"
+    )
 
 
 def quiet_libraries() -> None:

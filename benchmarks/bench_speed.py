@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from mecoq_hf.configuration_mecoq import MeCoQConfig
-from mecoq_hf.data import load_fashion_mnist
-from mecoq_hf.image_processing_mecoq import to_rgb_image
-from mecoq_hf.modeling_mecoq import MeCoQModel
-from mecoq_hf.training import TrainingArguments, build_optimizer
-from mecoq_hf.transforms import TwoViewTransform, build_eval_transform, build_train_transform
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.transforms import TwoViewTransform, build_eval_transform, build_train_transform
+from mecoq_hf.models.mecoq.configuration_mecoq import MeCoQConfig
+from mecoq_hf.models.mecoq.image_processing_mecoq import to_rgb_image
+from mecoq_hf.models.mecoq.modeling_mecoq import MeCoQModel
+from mecoq_hf.training.trainer import TrainingArguments, build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_index
@@ -73,12 +73,19 @@ def images_for(batch_size: int) -> list:
 def bench_training_step(model: MeCoQModel, images: list, repeats: int, device: torch.device) -> dict:
     """Seconds per step of each part, for one batch of len(images) images (two views each)."""
     data_config = model.backbone.data_config
-    two_views = TwoViewTransform(build_train_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"]))
+    two_views = TwoViewTransform(
+        build_train_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"])
+    )
     augment_s, views, augment_mib = best_time(
-        lambda: [torch.stack(v) for v in zip(*[two_views(image) for image in images])], repeats, torch.device("cpu"))
+        lambda: [torch.stack(v) for v in zip(*[two_views(image) for image in images])],
+        repeats,
+        torch.device("cpu"),
+    )
     views = [view.to(device) for view in views]
     model.train()
-    backbone_s, features, backbone_mib = best_time(lambda: [model.backbone(view) for view in views], repeats, device)
+    backbone_s, features, backbone_mib = best_time(
+        lambda: [model.backbone(view) for view in views], repeats, device
+    )
     optimizer = build_optimizer(model, TrainingArguments(output_dir="unused", report_to=[]))
 
     def head_step():

@@ -20,8 +20,8 @@ import time
 
 import bench_quality as bench
 
-from mecoq_hf.baselines import make_baseline
-from mecoq_hf.evaluation import mean_average_precision
+from mecoq_hf.retrieval.baselines import make_baseline
+from mecoq_hf.retrieval.evaluation import mean_average_precision
 
 BITS = 32
 RUNS = [  # (label, preset, overrides)
@@ -50,7 +50,9 @@ def mecoq_rows(splits: dict, features: dict, seed: int, protocol: bench.Protocol
         model, info = bench.train_mecoq(f"noise-{preset}-{seed}", preset, BITS, splits, protocol,
                                         {**overrides, "seed": seed})  # fmt: skip
         scores, _ = bench.mecoq_scores(model, features)
-        value = mean_average_precision(scores, features["query"].labels, features["database"].labels, protocol.top_k)
+        value = mean_average_precision(
+            scores, features["query"].labels, features["database"].labels, protocol.top_k
+        )
         rows.append({"method": label, "bits": BITS, "seed": seed, "map_at_1000": round(value, 5),
                      "validation_map": info["validation_map"], "best_epoch": info["best_epoch"]})  # fmt: skip
         logger.info("%s seed %d: mAP %.4f (validation %.4f)", label, seed, value, info["validation_map"])
@@ -86,7 +88,9 @@ def main() -> None:
         values = [r["map_at_1000"] for r in rows if r["method"] == method]
         summary[method] = {"mean": round(sum(values) / len(values), 5), "min": min(values), "max": max(values),
                            "seeds": len(values)}  # fmt: skip
-        print(f"{method:24s} mean {summary[method]['mean']:.4f}  range {min(values):.4f}-{max(values):.4f}  ({len(values)} seeds)")
+        print(
+            f"{method:24s} mean {summary[method]['mean']:.4f}  range {min(values):.4f}-{max(values):.4f}  ({len(values)} seeds)"
+        )
     bench.write_json({"bits": BITS, "rows": rows, "summary": summary,
                       "seconds": round(time.perf_counter() - started)}, OUTPUT)  # fmt: skip
 

@@ -109,8 +109,10 @@ def main() -> None:
     started = time.perf_counter()
     records = sweep(args.round, args.bits, protocol)
     for record in sorted(records, key=lambda r: -r["validation_map"]):
-        print(f"{record['validation_map']:.4f}  {record['preset']:8s} {record['bits']} {record['change']} "
-              f"(epoch {record['best_epoch']}/{record['epochs_run']}, {record['train_seconds']:.0f} s)")
+        print(
+            f"{record['validation_map']:.4f}  {record['preset']:8s} {record['bits']} {record['change']} "
+            f"(epoch {record['best_epoch']}/{record['epochs_run']}, {record['train_seconds']:.0f} s)"
+        )
     logger.info("sweep done in %.0f s", time.perf_counter() - started)
 
 

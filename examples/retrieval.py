@@ -19,10 +19,11 @@ from accelerate import Accelerator
 from PIL import Image
 
 from mecoq_hf import MeCoQModel
-from mecoq_hf.data import load_image_dataset, make_eval_dataloader
+from mecoq_hf.data.loaders import make_eval_dataloader
+from mecoq_hf.data.sources import load_image_dataset
+from mecoq_hf.data.transforms import build_eval_transform
 from mecoq_hf.encoding import encode_dataset
-from mecoq_hf.index import CodeIndex
-from mecoq_hf.transforms import build_eval_transform
+from mecoq_hf.retrieval.index import CodeIndex
 
 
 def build_index(model, database, accelerator, batch_size):

@@ -1,7 +1,7 @@
 # ##################################################################################################
 # The paper's CIFAR-10 recipe: MeCoQ on VGG-16 fc7 features (fc6 + fc7 fine-tuned), 16/32/64 bits.
 #
-# Settings are the reference scripts' (`cifar10-i-*` / `cifar10-ii-*` presets, METHOD.md §9): 224 px inputs
+# Settings are the reference scripts' (`cifar10-i-*` / `cifar10-ii-*` presets, docs/method.md §9): 224 px inputs
 # (CIFAR's 32 px upsampled), batch 128, SGD lr 0.01 with one warm-up epoch and cosine decay, up to 50 epochs,
 # mAP@1000. Splits follow the CIFAR-10 protocols on the merged 60,000 images: 1,000 queries per class;
 # protocol I trains on the whole 50,000-image database, protocol II on 500 images per class. Unlike the
@@ -26,7 +26,7 @@ import sys
 
 HUB_DATASET = "uoft-cs/cifar10"
 TOP_K = 1000
-# Weight decay beta of the reference scripts (METHOD.md §9): (protocol, bits) -> beta.
+# Weight decay beta of the reference scripts (docs/method.md §9): (protocol, bits) -> beta.
 WEIGHT_DECAY = {
     ("I", 16): 1e-3,
     ("I", 32): 1e-3,
@@ -56,7 +56,7 @@ def offline_problems(args) -> list[str]:
 
 def get_splits(accelerator, args):
     """CIFAR-10 protocol splits of the merged train + test images, recorded for `mecoq evaluate`."""
-    from mecoq_hf.splits import SplitDefinition
+    from mecoq_hf.data.splits import SplitDefinition
 
     definition = SplitDefinition(
         source=args.data or HUB_DATASET, split="train+test", image_column=args.image_column or
@@ -73,7 +73,7 @@ def get_splits(accelerator, args):
 
 def training_function(config, args):
     from mecoq_hf import MeCoQConfig
-    from mecoq_hf.training import TrainingArguments, build_accelerator, train
+    from mecoq_hf.training.trainer import TrainingArguments, build_accelerator, train
 
     training_args = TrainingArguments(
         output_dir=args.output_dir, num_epochs=config["epochs"], batch_size=config["batch_size"],
@@ -96,7 +96,7 @@ def main():
         description="MeCoQ on CIFAR-10 with VGG-16 (the paper's recipe; needs a GPU)."
     )
     parser.add_argument(
-        "--protocol", choices=("I", "II"), default="II", help="CIFAR-10 protocol (METHOD.md §8)"
+        "--protocol", choices=("I", "II"), default="II", help="CIFAR-10 protocol (docs/method.md §8)"
     )
     parser.add_argument("--bits", type=int, choices=(16, 32, 64), default=32)
     parser.add_argument(

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 
 from mecoq_hf import MeCoQConfig
-from mecoq_hf.data import make_eval_dataloader
+from mecoq_hf.data.loaders import make_eval_dataloader
+from mecoq_hf.data.splits import SplitDefinition
+from mecoq_hf.data.transforms import build_eval_transform
 from mecoq_hf.encoding import encode_dataset
-from mecoq_hf.evaluation import evaluate_codes
-from mecoq_hf.splits import SplitDefinition
-from mecoq_hf.training import TrainingArguments, build_accelerator, train
-from mecoq_hf.transforms import build_eval_transform
+from mecoq_hf.retrieval.evaluation import evaluate_codes
+from mecoq_hf.training.trainer import TrainingArguments, build_accelerator, train
 
 TOP_K = 1000  # K of mAP@K, as for CIFAR-10 in the paper
 

@@ -32,7 +32,7 @@ import pytest
 
 if os.path.dirname(__file__) not in sys.path:  # pytest's default import mode already put it there
     sys.path.insert(0, os.path.dirname(__file__))
-from hub_server import LocalHubServer, reserve_local_port  # noqa: E402
+from hub_server import LocalHubServer, reserve_local_port
 
 _HUB_IMPORTED_EARLY = "huggingface_hub" in sys.modules  # True only if a plugin imported it before us
 _HUB_SOCKET = reserve_local_port()

@@ -1,7 +1,7 @@
 """A small Hugging Face Hub-compatible HTTP server for the tests (standard library only).
 
 The Hub cannot be reached from the project's machines, and nothing installable implements its upload API
-(ENVIRONMENT.md §4). This server implements the routes that the real `huggingface_hub` client uses for
+(docs/environment.md §4). This server implements the routes that the real `huggingface_hub` client uses for
 `create_repo`, `upload_folder`, `upload_file`, `create_commit`, `hf_hub_download`, `snapshot_download`,
 `list_repo_files`, `list_repo_commits`, `ModelCard.push_to_hub` / `ModelCard.load`, transformers'
 `push_to_hub` and `from_pretrained(repo_id)`, for model, dataset and space repos.
@@ -347,7 +347,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     # plumbing
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:
             super().log_message(format, *args)
 

@@ -16,7 +16,7 @@ from PIL import Image
 from real_data import LITE0_DATA_CONFIG, require_foolbox_data
 from safetensors.torch import save_file
 
-from mecoq_hf.backbones import (
+from mecoq_hf.models.mecoq.backbones import (
     TimmBackbone,
     default_weights_source,
     efficientnet_lite_state_dict,
@@ -108,7 +108,9 @@ def test_lite0_classifies_imagenet_photos(lite0_classifier, imagenet_batch):
     with torch.no_grad():
         predictions = lite0_classifier(images).argmax(dim=1)  # (20,)
     correct = int((predictions == labels).sum())
-    assert correct >= 16, f"only {correct}/20 photos classified correctly; ENVIRONMENT.md §7 measured 18/20"
+    assert correct >= 16, (
+        f"only {correct}/20 photos classified correctly; docs/environment.md §7 measured 18/20"
+    )
 
 
 @pytest.mark.parametrize("variant", [0, 1, 2])
@@ -201,7 +203,7 @@ def test_last_n_groups_of_efficientnet(small_lite0):
 
 
 def test_last_n_groups_of_vgg16_follow_the_paper(vgg16):
-    assert len(vgg16.parameter_groups) == 15  # 13 convs, fc6, fc7 (METHOD.md §2.1)
+    assert len(vgg16.parameter_groups) == 15  # 13 convs, fc6, fc7 (docs/method.md §2.1)
     vgg16.set_trainable(1)
     assert _trainable_names(vgg16) == {"pre_logits.fc2.weight", "pre_logits.fc2.bias"}
     vgg16.set_trainable(2)
@@ -219,7 +221,7 @@ def test_frozen_vgg16_keeps_dropout_in_train_mode(vgg16):
     with torch.no_grad():
         first, second = vgg16.model.forward_head(feature_map), vgg16.model.forward_head(feature_map)
     assert first.shape == (1, 4096)
-    assert not torch.equal(first, second)  # dropout active although nothing trains (METHOD.md §2.1)
+    assert not torch.equal(first, second)  # dropout active although nothing trains (docs/method.md §2.1)
     vgg16.eval()
     assert not vgg16.model.pre_logits.drop.training and not vgg16.model.head.drop.training
 

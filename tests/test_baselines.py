@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from mecoq_hf.baselines import (
+from mecoq_hf.retrieval.baselines import (
     ITQ,
     LSH,
     OPQ,
@@ -19,7 +19,7 @@ from mecoq_hf.baselines import (
     pack_bits,
     unpack_bits,
 )
-from mecoq_hf.evaluation import mean_average_precision
+from mecoq_hf.retrieval.evaluation import mean_average_precision
 
 
 def clustered_features(seed: int, num_items: int = 1200, dim: int = 32, num_classes: int = 8):
@@ -40,7 +40,9 @@ def digits():
 
 def retrieval_map(method, queries, query_labels, database, db_labels, top_k=100) -> float:
     method.fit(database)
-    return mean_average_precision(method.scores(queries, method.encode(database)), query_labels, db_labels, top_k)
+    return mean_average_precision(
+        method.scores(queries, method.encode(database)), query_labels, db_labels, top_k
+    )
 
 
 # binary codes
@@ -55,7 +57,9 @@ def test_pack_and_unpack_bits_round_trip_most_significant_bit_first():
 
 def test_hamming_scores_count_equal_bits():
     query = pack_bits(torch.tensor([[True] * 8 + [False] * 8]))
-    database = pack_bits(torch.tensor([[True] * 8 + [False] * 8, [False] * 8 + [True] * 8, [True] * 4 + [False] * 12]))
+    database = pack_bits(
+        torch.tensor([[True] * 8 + [False] * 8, [False] * 8 + [True] * 8, [True] * 4 + [False] * 12])
+    )
     scores = HammingScores(query, database, bits=16)
     assert scores.shape == (1, 3)
     assert scores[0:1].tolist() == [[16.0, 0.0, 12.0]]
@@ -104,7 +108,9 @@ def test_itq_projection_spans_the_top_principal_subspace_and_gives_the_codes():
     centred = (unit - unit.mean(dim=0)).double()
     covariance = centred.T @ centred / len(centred)
     projection = itq.projection.double()  # (F, 8) = PCA directions times the rotation: orthonormal columns
-    torch.testing.assert_close(projection.T @ projection, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        projection.T @ projection, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0
+    )
     captured = torch.trace(projection.T @ covariance @ projection)
     top_eigenvalues = torch.linalg.eigvalsh(covariance)[-8:].sum()
     torch.testing.assert_close(captured, top_eigenvalues, atol=1e-5, rtol=1e-4)
@@ -152,7 +158,9 @@ def test_opq_quantizes_correlated_features_better_than_pq():
     """Features whose variance sits in a few directions spread over all sub-spaces: OPQ's rotation helps."""
     generator = torch.Generator().manual_seed(8)
     latent = torch.randn(3000, 4, generator=generator) * torch.tensor([3.0, 2.0, 1.0, 0.5])
-    features = latent @ torch.randn(4, 32, generator=generator) + 0.05 * torch.randn(3000, 32, generator=generator)
+    features = latent @ torch.randn(4, 32, generator=generator) + 0.05 * torch.randn(
+        3000, 32, generator=generator
+    )
     unit = F.normalize(features, dim=1)
     errors = {}
     for method in (PQ(16), OPQ(16, iterations=10)):
@@ -169,7 +177,9 @@ def test_opq_quantizes_correlated_features_better_than_pq():
 
 
 def test_methods_rank_as_expected_on_real_digits(digits):
-    values = {name: retrieval_map(make_baseline(name, 32), *digits) for name in ("cosine", "lsh", "itq", "pq")}
+    values = {
+        name: retrieval_map(make_baseline(name, 32), *digits) for name in ("cosine", "lsh", "itq", "pq")
+    }
     assert values["cosine"] > 0.8  # 8x8 digits are easy for cosine on pixels
     assert values["lsh"] < values["itq"] < values["cosine"] + 0.02
     assert values["pq"] > values["lsh"] + 0.05
@@ -232,12 +242,12 @@ def test_unknown_baseline_lists_the_names():
 def test_evaluate_pq_baseline_on_a_models_frozen_backbone_features():
     # Imported here, so that this file's other tests need neither datasets nor a model.
     from mecoq_hf import MeCoQConfig, MeCoQModel
-    from mecoq_hf.baselines import evaluate_pq_baseline
-    from mecoq_hf.data import load_fashion_mnist
-    from mecoq_hf.evaluation import precision_recall_curve
+    from mecoq_hf.data.sources import load_fashion_mnist
+    from mecoq_hf.data.splits import retrieval_splits
+    from mecoq_hf.data.transforms import build_eval_transform
     from mecoq_hf.feature_cache import compute_features
-    from mecoq_hf.splits import retrieval_splits
-    from mecoq_hf.transforms import build_eval_transform
+    from mecoq_hf.retrieval.baselines import evaluate_pq_baseline
+    from mecoq_hf.retrieval.evaluation import precision_recall_curve
 
     torch.manual_seed(0)
     config = MeCoQConfig(backbone="test_efficientnet", backbone_weights=None, image_size=32, embedding_dim=16,

@@ -22,13 +22,15 @@ from PIL import Image
 from safetensors import safe_open
 
 from mecoq_hf import MeCoQModel, cli
-from mecoq_hf.cli import build_parser, resolve_train_settings
-from mecoq_hf.data import load_fashion_mnist, make_eval_dataloader
+from mecoq_hf.cli import build_parser
+from mecoq_hf.cli.commands import resolve_train_settings
+from mecoq_hf.data.loaders import make_eval_dataloader
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.splits import SplitDefinition
+from mecoq_hf.data.transforms import build_eval_transform
 from mecoq_hf.encoding import encode_dataset
-from mecoq_hf.evaluation import evaluate_codes
-from mecoq_hf.index import CodeIndex
-from mecoq_hf.splits import SplitDefinition
-from mecoq_hf.transforms import build_eval_transform
+from mecoq_hf.retrieval.evaluation import evaluate_codes
+from mecoq_hf.retrieval.index import CodeIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

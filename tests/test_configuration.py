@@ -45,7 +45,12 @@ def test_presets_differ_where_the_reference_code_differs_from_the_paper():
 
 def test_reference_script_rows_are_presets():
     row = MeCoQConfig.from_preset("cifar10-ii-32")
-    assert (row.num_codebooks, row.embedding_dim, row.temperature, row.memory_start_epoch) == (4, 48, 0.35, 15)
+    assert (row.num_codebooks, row.embedding_dim, row.temperature, row.memory_start_epoch) == (
+        4,
+        48,
+        0.35,
+        15,
+    )
     assert row.backbone == "vgg16" and row.backbone_trainable == 2 and row.bits == 32
     flickr = MeCoQConfig.from_preset("flickr25k-64", temperature=0.5)
     assert flickr.temperature == 0.5 and flickr.backbone_trainable == "frozen"
@@ -55,7 +60,9 @@ def test_reference_script_rows_are_presets():
 
 
 def test_save_and_reload(tmp_path):
-    config = MeCoQConfig.from_preset("official", embedding_dim=32, num_codebooks=2, backbone_kwargs={"drop_rate": 0.5})
+    config = MeCoQConfig.from_preset(
+        "official", embedding_dim=32, num_codebooks=2, backbone_kwargs={"drop_rate": 0.5}
+    )
     config.save_pretrained(tmp_path)
     reloaded = MeCoQConfig.from_pretrained(tmp_path)
     assert reloaded.to_dict() == config.to_dict()

@@ -20,7 +20,8 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from real_data import LITE0_DATA_CONFIG, require_fashion_mnist, require_foolbox_data
 
-from mecoq_hf.data import (
+from mecoq_hf.data.loaders import make_eval_dataloader, make_train_dataloader
+from mecoq_hf.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     BadImageError,
@@ -29,13 +30,11 @@ from mecoq_hf.data import (
     image_paths,
     load_fashion_mnist,
     load_image_dataset,
-    make_eval_dataloader,
-    make_train_dataloader,
     read_idx,
 )
-from mecoq_hf.image_processing_mecoq import to_rgb_image
-from mecoq_hf.splits import retrieval_splits
-from mecoq_hf.transforms import build_eval_transform, build_train_transform
+from mecoq_hf.data.splits import retrieval_splits
+from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
+from mecoq_hf.models.mecoq.image_processing_mecoq import to_rgb_image
 
 require_fashion_mnist()
 

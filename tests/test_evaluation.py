@@ -17,9 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
-from mecoq_hf.data import load_fashion_mnist
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.transforms import build_eval_transform
 from mecoq_hf.encoding import encode_dataset, encode_images, quantize_embeddings, save_encoded
-from mecoq_hf.evaluation import (
+from mecoq_hf.models.mecoq.quantization import ProductQuantizer, decode_codes, symmetric_scores
+from mecoq_hf.retrieval.evaluation import (
     RetrievalEvaluator,
     average_precision,
     evaluate_codes,
@@ -29,8 +31,6 @@ from mecoq_hf.evaluation import (
     precision_recall_curve,
     score_codes,
 )
-from mecoq_hf.quantization import ProductQuantizer, decode_codes, symmetric_scores
-from mecoq_hf.transforms import build_eval_transform
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mecoq_hf.backbones import TimmBackbone
-from mecoq_hf.data import load_fashion_mnist
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
 from mecoq_hf.feature_cache import CachedViewPairs, compute_features, compute_view_features
-from mecoq_hf.transforms import build_eval_transform, build_train_transform
+from mecoq_hf.models.mecoq.backbones import TimmBackbone
 
 
 def tiny_backbone() -> TimmBackbone:
@@ -29,18 +29,24 @@ def test_disk_cache_is_reused_and_keyed_by_settings(tmp_path):
     backbone, images = tiny_backbone(), load_fashion_mnist("test", limit=8)
     config = backbone.data_config
     view = build_train_transform(32, config["mean"], config["std"])
-    first = compute_view_features(backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False)
+    first = compute_view_features(
+        backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False
+    )
     assert first.shape == (8, 3, backbone.num_features)
     assert not torch.equal(first[:, 0], first[:, 1])  # views differ
     files = sorted(tmp_path.glob("views-*.safetensors"))
     assert len(files) == 1
-    again = compute_view_features(backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False)
+    again = compute_view_features(
+        backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False
+    )
     assert torch.equal(first, again)
     compute_view_features(backbone, images, view, 3, seed=2, cache_dir=tmp_path, show_progress_bar=False)
     assert len(list(tmp_path.glob("views-*.safetensors"))) == 2  # another seed, another entry
     with torch.no_grad():  # other weights must never hit the same entry
         backbone.model.conv_stem.weight.add_(1.0)
-    changed = compute_view_features(backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False)
+    changed = compute_view_features(
+        backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False
+    )
     assert len(list(tmp_path.glob("views-*.safetensors"))) == 3 and not torch.equal(changed, first)
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.index import CodeIndex, IndexFormatError, load_sidecar, save_sidecar, sidecar_path
-from mecoq_hf.quantization import (
+from mecoq_hf.models.mecoq.quantization import (
     ProductQuantizer,
     asymmetric_scores,
     decode_codes,
     lookup_tables,
     symmetric_scores,
 )
+from mecoq_hf.retrieval.index import CodeIndex, IndexFormatError, load_sidecar, save_sidecar, sidecar_path
 
 
 def make_codebooks(num_codebooks=4, codebook_size=256, subvector_dim=8, seed=0):

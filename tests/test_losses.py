@@ -1,4 +1,4 @@
-"""Losses against independent straightforward computations (plain loops over anchors, METHOD.md §4)."""
+"""Losses against independent straightforward computations (plain loops over anchors, docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mecoq_hf.losses import assignment_entropy, codeword_diversity, debiased_contrastive_loss
+from mecoq_hf.models.mecoq.losses import assignment_entropy, codeword_diversity, debiased_contrastive_loss
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -15,9 +15,19 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reference_loss(
-    view_1, view_2, memory, *, temperature, pos_prior, debias, reduction, count_memory, floor, normalize_memory
+    view_1,
+    view_2,
+    memory,
+    *,
+    temperature,
+    pos_prior,
+    debias,
+    reduction,
+    count_memory,
+    floor,
+    normalize_memory,
 ) -> float:
-    """Loop version written from METHOD.md §4.1-§4.2, in float64, without vectorisation."""
+    """Loop version written from docs/method.md §4.1-§4.2, in float64, without vectorisation."""
     anchors = [v.double() for v in torch.cat([view_1, view_2])]
     batch = view_1.shape[0]
     mem = [] if memory is None else [m.double() for m in memory]
@@ -58,8 +68,13 @@ def test_contrastive_loss_matches_loop_reference(reduction, debias, with_memory,
     memory = torch.randn(7, 8) * 1.5 if with_memory else None
     for count_memory, normalize_memory in [(False, False), (True, True)]:
         settings = dict(
-            temperature=0.4, pos_prior=0.1, debias=debias, reduction=reduction,
-            count_memory=count_memory, floor=floor, normalize_memory=normalize_memory,
+            temperature=0.4,
+            pos_prior=0.1,
+            debias=debias,
+            reduction=reduction,
+            count_memory=count_memory,
+            floor=floor,
+            normalize_memory=normalize_memory,
         )
         ours = debiased_contrastive_loss(view_1, view_2, memory, **settings)
         expected = reference_loss(view_1, view_2, memory, **settings)
@@ -71,8 +86,15 @@ def test_debias_clamp_is_active_and_matches_reference():
     torch.manual_seed(1)
     base = torch.randn(4, 6)
     view_1, view_2 = base, base + 1e-3 * torch.randn(4, 6)
-    settings = dict(temperature=0.1, pos_prior=0.9, debias=True, reduction="per_anchor",
-                    count_memory=False, floor="dcl", normalize_memory=True)
+    settings = dict(
+        temperature=0.1,
+        pos_prior=0.9,
+        debias=True,
+        reduction="per_anchor",
+        count_memory=False,
+        floor="dcl",
+        normalize_memory=True,
+    )
     ours = debiased_contrastive_loss(view_1, view_2, None, **settings)
     expected = reference_loss(view_1, view_2, None, **settings)
     assert ours.item() == pytest.approx(expected, rel=1e-5)
@@ -89,7 +111,9 @@ def test_debias_clamp_is_active_and_matches_reference():
 def test_broadcast_form_differs_from_per_anchor_and_diagonal_is_per_anchor():
     torch.manual_seed(2)
     view_1, view_2 = torch.randn(6, 8), torch.randn(6, 8)
-    common = dict(temperature=0.3, pos_prior=0.1, count_memory=False, floor="official", normalize_memory=False)
+    common = dict(
+        temperature=0.3, pos_prior=0.1, count_memory=False, floor="official", normalize_memory=False
+    )
     per_anchor = debiased_contrastive_loss(view_1, view_2, reduction="per_anchor", **common)
     broadcast = debiased_contrastive_loss(view_1, view_2, reduction="broadcast", **common)
     assert not torch.isclose(per_anchor, broadcast)
@@ -107,7 +131,9 @@ def test_contrastive_loss_rejects_bad_input():
 def test_loss_decreases_when_views_agree():
     torch.manual_seed(3)
     view_1 = torch.randn(8, 16)
-    aligned = debiased_contrastive_loss(view_1, view_1 + 0.01 * torch.randn(8, 16), temperature=0.4, pos_prior=0.1)
+    aligned = debiased_contrastive_loss(
+        view_1, view_1 + 0.01 * torch.randn(8, 16), temperature=0.4, pos_prior=0.1
+    )
     random = debiased_contrastive_loss(view_1, torch.randn(8, 16), temperature=0.4, pos_prior=0.1)
     assert aligned < random
 
@@ -130,5 +156,7 @@ def test_assignment_entropy_matches_definition():
     assert assignment_entropy(one_hot).item() == pytest.approx(0.0, abs=1e-9)
     torch.manual_seed(5)
     p = torch.softmax(torch.randn(4, 2, 6), dim=-1)
-    expected = sum(-sum(float(x) * math.log(float(x)) for x in p[b, m]) for b in range(4) for m in range(2)) / 8
+    expected = (
+        sum(-sum(float(x) * math.log(float(x)) for x in p[b, m]) for b in range(4) for m in range(2)) / 8
+    )
     assert assignment_entropy(p).item() == pytest.approx(expected, rel=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mecoq_hf.memory import CodeMemory
+from mecoq_hf.models.mecoq.memory import CodeMemory
 
 
 def block(value: float, rows: int = 2) -> torch.Tensor:
@@ -24,7 +24,7 @@ def test_fifo_overwrites_oldest_entries():
 
 
 def test_reference_pointer_rule_advances_by_nominal_batch():
-    """METHOD.md §5: the pointer moves by the nominal batch size even after a short batch."""
+    """docs/method.md §5: the pointer moves by the nominal batch size even after a short batch."""
     memory = CodeMemory(size=6, num_codebooks=2, codebook_size=3)
     memory.enqueue(block(1.0, rows=1), advance=3)
     assert int(memory.pointer) == 3 and memory.num_filled == 1

@@ -18,8 +18,13 @@ from transformers import AutoImageProcessor, AutoModel
 from mecoq_hf import MeCoQConfig, MeCoQImageProcessor, MeCoQModel, load_codebooks
 
 TINY = dict(
-    backbone="test_efficientnet", backbone_weights=None, image_size=32,
-    embedding_dim=16, num_codebooks=2, codebook_size=16, memory_size=8,
+    backbone="test_efficientnet",
+    backbone_weights=None,
+    image_size=32,
+    embedding_dim=16,
+    num_codebooks=2,
+    codebook_size=16,
+    memory_size=8,
 )
 
 
@@ -32,7 +37,9 @@ def tiny_model(preset: str = "paper", **overrides) -> MeCoQModel:
 
 def views(batch: int = 6, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(batch, 3, size, size, generator=generator), torch.randn(batch, 3, size, size, generator=generator)
+    return torch.randn(batch, 3, size, size, generator=generator), torch.randn(
+        batch, 3, size, size, generator=generator
+    )
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -67,7 +74,9 @@ def test_diversity_penalty_spreads_codewords_when_codebooks_train():
     """Only the codeword-diversity gradient: it must lower the mean codeword similarity (paper, §4.1)."""
     model = tiny_model("paper")
     with torch.no_grad():  # start from nearly collapsed codebooks
-        model.quantizer.codebooks.copy_(torch.ones_like(model.quantizer.codebooks) + 0.3 * torch.randn_like(model.quantizer.codebooks))
+        model.quantizer.codebooks.copy_(
+            torch.ones_like(model.quantizer.codebooks) + 0.3 * torch.randn_like(model.quantizer.codebooks)
+        )
     optimizer = torch.optim.SGD([model.quantizer.codebooks], lr=100.0)  # the penalty is a mean over K^2 pairs
     first = None
     for _ in range(20):
@@ -97,12 +106,16 @@ def test_construction_keeps_the_backbones_own_initialisation():
 
 
 def test_for_training_loads_the_pretrained_backbone():
-    from mecoq_hf.backbones import efficientnet_lite_state_dict
+    from mecoq_hf.models.mecoq.backbones import efficientnet_lite_state_dict
 
     config = MeCoQConfig(image_size=64, embedding_dim=16, num_codebooks=2, codebook_size=16)
     model = MeCoQModel.for_training(config)
     state = model.backbone.model.state_dict()
-    expected = {key: value for key, value in efficientnet_lite_state_dict(0).items() if not key.startswith("classifier.")}
+    expected = {
+        key: value
+        for key, value in efficientnet_lite_state_dict(0).items()
+        if not key.startswith("classifier.")
+    }
     assert len(expected) > 250 and expected.keys() <= state.keys()
     assert all(torch.equal(state[key], value) for key, value in expected.items())
     assert not any(p.requires_grad for p in model.backbone.parameters())
@@ -167,7 +180,10 @@ def test_trust_remote_code_works_without_the_package(tmp_path):
     model = tiny_model("official").eval()
     images, _ = views(batch=3)
     model.save_pretrained(tmp_path / "model")
-    torch.save({"images": images, "codes": model.encode(images), "embeddings": model.embed(images)}, tmp_path / "expected.pt")
+    torch.save(
+        {"images": images, "codes": model.encode(images), "embeddings": model.embed(images)},
+        tmp_path / "expected.pt",
+    )
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_mecoq.MeCoQModel"
     script = textwrap.dedent(
@@ -194,7 +210,9 @@ def test_trust_remote_code_works_without_the_package(tmp_path):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-CODE-OK" in result.stdout and "transformers_modules" in result.stdout
 

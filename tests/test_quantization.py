@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.quantization import (
+from mecoq_hf.models.mecoq.quantization import (
     ProductQuantizer,
     asymmetric_scores,
     code_dtype,
@@ -33,7 +33,9 @@ def test_soft_quantization_matches_definition(quantizer):
             sub = F.normalize(z[b, 4 * m : 4 * m + 4], dim=0)
             probabilities = torch.softmax(10.0 * codebooks[m] @ sub, dim=0)
             assert torch.allclose(soft.assignments[b, m], probabilities, atol=1e-6)
-            assert torch.allclose(soft.reconstruction[b, 4 * m : 4 * m + 4], probabilities @ codebooks[m], atol=1e-6)
+            assert torch.allclose(
+                soft.reconstruction[b, 4 * m : 4 * m + 4], probabilities @ codebooks[m], atol=1e-6
+            )
             assert soft.codes[b, m] == int(torch.argmax(codebooks[m] @ sub))
     # Each soft sub-vector is a convex combination of unit vectors: norm <= 1.
     assert (soft.reconstruction.reshape(5, 3, 4).norm(dim=-1) <= 1 + 1e-6).all()
@@ -140,7 +142,7 @@ def test_asymmetric_scores_equal_an_explicit_gather():
 
 
 def test_hard_codes_function_equals_the_quantizer(quantizer):
-    from mecoq_hf.quantization import hard_codes
+    from mecoq_hf.models.mecoq.quantization import hard_codes
 
     z = torch.randn(9, 12)
     assert torch.equal(hard_codes(z, quantizer.codebooks.detach()), quantizer.encode(z))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.quantization import asymmetric_scores, lookup_tables
-from mecoq_hf.ranking import query_tables, scan_topk, stable_topk
+from mecoq_hf.models.mecoq.quantization import asymmetric_scores
+from mecoq_hf.retrieval.scoring import query_tables, scan_topk, stable_topk
 
 
 def make_case(num_db=3000, num_queries=24, num_codebooks=4, seed=0):

@@ -8,8 +8,9 @@ import torch
 from datasets import Dataset
 from real_data import LITE0_DATA_CONFIG, require_fashion_mnist
 
-from mecoq_hf.data import load_fashion_mnist, make_eval_dataloader
-from mecoq_hf.splits import (
+from mecoq_hf.data.loaders import make_eval_dataloader
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.splits import (
     SplitDefinition,
     cifar10_protocol_splits,
     flickr25k_splits,
@@ -19,7 +20,7 @@ from mecoq_hf.splits import (
     retrieval_splits,
     split_fingerprint,
 )
-from mecoq_hf.transforms import build_eval_transform
+from mecoq_hf.data.transforms import build_eval_transform
 
 require_fashion_mnist()
 

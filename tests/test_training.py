@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
-from mecoq_hf.data import load_fashion_mnist
-from mecoq_hf.training import (
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.training.trainer import (
     TrainingArguments,
     build_optimizer,
     learning_rate_factor,
@@ -25,8 +25,14 @@ from mecoq_hf.training import (
 )
 
 TINY = dict(
-    backbone="test_efficientnet", backbone_weights=None, image_size=32,
-    embedding_dim=16, num_codebooks=2, codebook_size=16, memory_size=16, memory_start_epoch=1,
+    backbone="test_efficientnet",
+    backbone_weights=None,
+    image_size=32,
+    embedding_dim=16,
+    num_codebooks=2,
+    codebook_size=16,
+    memory_size=16,
+    memory_start_epoch=1,
 )
 
 
@@ -37,8 +43,15 @@ def fashion_images():
 
 def tiny_args(tmp_path: Path, **overrides) -> TrainingArguments:
     settings = dict(
-        output_dir=str(tmp_path), num_epochs=2, batch_size=8, learning_rate=0.05, log_every_steps=1,
-        progress_bar=False, report_to=[], seed=0, deterministic=True,
+        output_dir=str(tmp_path),
+        num_epochs=2,
+        batch_size=8,
+        learning_rate=0.05,
+        log_every_steps=1,
+        progress_bar=False,
+        report_to=[],
+        seed=0,
+        deterministic=True,
     )
     return TrainingArguments(**{**settings, **overrides})
 
@@ -50,7 +63,9 @@ def test_learning_rate_schedule_matches_reference_recipe():
     assert lrs[warmup - 1] == pytest.approx(peak)  # linspace(start, peak, warmup) ends at the peak
     assert lrs[warmup] == pytest.approx(peak)
     middle = warmup + (total - warmup) // 2
-    assert lrs[middle] == pytest.approx(final + 0.5 * (peak - final) * (1 + math.cos(math.pi * 0.5)), rel=1e-6)
+    assert lrs[middle] == pytest.approx(
+        final + 0.5 * (peak - final) * (1 + math.cos(math.pi * 0.5)), rel=1e-6
+    )
     assert lrs[total] == pytest.approx(final)
     assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
@@ -61,7 +76,9 @@ def test_backbone_learning_rate_scale_survives_the_scheduler(tmp_path):
     model = MeCoQModel(MeCoQConfig(**{**TINY, "backbone_trainable": 1}))
     args = tiny_args(tmp_path, backbone_lr_scale=1e-3)
     optimizer = build_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, 10, 2, 0.05, 1e-5, 1e-5))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, 10, 2, 0.05, 1e-5, 1e-5)
+    )
     for _ in range(5):
         optimizer.step()
         scheduler.step()
@@ -85,7 +102,11 @@ def test_bad_arguments_and_inputs_are_refused(tmp_path, fashion_images):
     with pytest.raises(ValueError, match="image_size=16 is too small for 'test_efficientnet'"):
         train(MeCoQConfig(**{**TINY, "image_size": 16}), tiny_args(tmp_path), fashion_images)
     with pytest.raises(ValueError, match="cached_views=4 needs a frozen backbone"):
-        train(MeCoQConfig(**{**TINY, "backbone_trainable": "all"}), tiny_args(tmp_path, cached_views=4), fashion_images)
+        train(
+            MeCoQConfig(**{**TINY, "backbone_trainable": "all"}),
+            tiny_args(tmp_path, cached_views=4),
+            fashion_images,
+        )
     with pytest.raises(ValueError, match="cached_views must be 0"):
         tiny_args(tmp_path, cached_views=1)
     with pytest.raises(ValueError, match="no 'image' column|image"):
@@ -122,7 +143,10 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, fashion_images
 
 def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, fashion_images):
     warnings.simplefilter("ignore")
-    queries, database = load_fashion_mnist("train", limit=20), load_fashion_mnist("train", limit=120).select(range(20, 120))
+    queries, database = (
+        load_fashion_mnist("train", limit=20),
+        load_fashion_mnist("train", limit=120).select(range(20, 120)),
+    )
     result = train(
         MeCoQConfig(**TINY), tiny_args(tmp_path, num_epochs=3, top_k=50), fashion_images, queries, database
     )
@@ -156,7 +180,9 @@ def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
     assert all(rank["num_processes"] == 2 for rank in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["memory_sum"] == ranks[1]["memory_sum"] and ranks[0]["memory_filled"] == 32
-    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    steps = [
+        json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"step"' in line
+    ]
     losses = [record["loss"] for record in steps if record.get("event") == "step" and record["epoch"] == 0]
     assert losses[-1] < losses[0]
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob(".saving-*"))

@@ -20,8 +20,8 @@ from real_data import (
 from torchvision import transforms as T
 
 from mecoq_hf import MeCoQImageProcessor
-from mecoq_hf.data import load_fashion_mnist
-from mecoq_hf.transforms import TwoViewTransform, build_eval_transform, build_train_transform
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.data.transforms import TwoViewTransform, build_eval_transform, build_train_transform
 
 require_fashion_mnist()
 

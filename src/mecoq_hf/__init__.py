@@ -6,10 +6,17 @@ debiased contrastive loss and a code memory, hard codes of M bytes per image, an
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from .configuration_mecoq import PRESETS, MeCoQConfig
-from .image_processing_mecoq import MeCoQImageProcessor
-from .modeling_mecoq import MeCoQModel, MeCoQModelOutput, MeCoQPreTrainedModel
-from .quantization import ProductQuantizer, load_codebooks, save_codebooks
+from .models.mecoq import (
+    PRESETS,
+    MeCoQConfig,
+    MeCoQImageProcessor,
+    MeCoQModel,
+    MeCoQModelOutput,
+    MeCoQPreTrainedModel,
+    ProductQuantizer,
+    load_codebooks,
+    save_codebooks,
+)
 
 __version__ = "0.1.0"
 

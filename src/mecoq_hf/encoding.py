@@ -170,8 +170,8 @@ def encode_images(
         method, show_progress_bar: as in `encode_dataset`.
         batch_size, num_workers: of the DataLoader.
     """
-    from .data import make_eval_dataloader
-    from .transforms import build_eval_transform
+    from .data.loaders import make_eval_dataloader
+    from .data.transforms import build_eval_transform
 
     transform = build_eval_transform(model.backbone.data_config)
     loader = make_eval_dataloader(images, transform, batch_size, num_workers)
@@ -231,9 +231,9 @@ def save_encoded(
 
 
 __all__ = [
-    "embed_features",
     "ENCODED_FORMAT",
     "EncodedDataset",
+    "embed_features",
     "encode_dataset",
     "encode_images",
     "quantize_embeddings",

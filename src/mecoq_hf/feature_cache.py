@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import make_eval_dataloader
+from .data.loaders import make_eval_dataloader
 from .encoding import EncodedDataset, encode_dataset
 
 if TYPE_CHECKING:
@@ -48,7 +48,9 @@ class _BackboneAsEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> _BackboneAsEncoder:
         self.training = mode
-        self.backbone.train(mode or self.keep_train_mode)  # `encode_dataset` calls eval(); views want train mode
+        self.backbone.train(
+            mode or self.keep_train_mode
+        )  # `encode_dataset` calls eval(); views want train mode
         return self
 
 
@@ -78,7 +80,9 @@ def compute_features(
     def compute() -> EncodedDataset:
         loader = make_eval_dataloader(dataset, transform, batch_size)
         encoder = _BackboneAsEncoder(backbone, keep_train_mode=train_mode)
-        return encode_dataset(encoder, loader, accelerator, method="embed", show_progress_bar=show_progress_bar)
+        return encode_dataset(
+            encoder, loader, accelerator, method="embed", show_progress_bar=show_progress_bar
+        )
 
     return _cached(cache_dir, "features", backbone, dataset, {"train_mode": train_mode}, compute)
 
@@ -101,15 +105,24 @@ def compute_view_features(
     resolution and statistics when `cache_dir` is used (the cache key does not see the transform itself).
     """
     if num_views < 2:
-        raise ValueError(f"Two views per image are needed for the contrastive loss; got num_views={num_views}.")
+        raise ValueError(
+            f"Two views per image are needed for the contrastive loss; got num_views={num_views}."
+        )
 
     def compute() -> EncodedDataset:
         views = []
         for view in range(num_views):
             torch.manual_seed(seed * 1000 + view)  # augmentations draw from torch's global RNG
             views.append(
-                compute_features(backbone, dataset, view_transform, batch_size=batch_size, accelerator=accelerator,
-                                 train_mode=True, show_progress_bar=show_progress_bar).outputs  # fmt: skip
+                compute_features(
+                    backbone,
+                    dataset,
+                    view_transform,
+                    batch_size=batch_size,
+                    accelerator=accelerator,
+                    train_mode=True,
+                    show_progress_bar=show_progress_bar,
+                ).outputs  # fmt: skip
             )
         return EncodedDataset(torch.stack(views, dim=1), None, None)  # (N, V, F)
 
@@ -148,7 +161,11 @@ def _cache_key(backbone: nn.Module, dataset: Dataset, settings: dict[str, Any]) 
     digest = hashlib.sha256()
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    described = {"data_config": getattr(backbone, "data_config", None), "dataset": dataset._fingerprint, **settings}
+    described = {
+        "data_config": getattr(backbone, "data_config", None),
+        "dataset": dataset._fingerprint,
+        **settings,
+    }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -162,7 +179,9 @@ class CachedViewPairs(torch.utils.data.Dataset):
 
     def __init__(self, view_features: torch.Tensor, seed: int = 0) -> None:
         if view_features.ndim != 3 or view_features.shape[1] < 2:
-            raise ValueError(f"view_features must have shape (N, V >= 2, F), got {tuple(view_features.shape)}.")
+            raise ValueError(
+                f"view_features must have shape (N, V >= 2, F), got {tuple(view_features.shape)}."
+            )
         self.view_features, self.seed, self.epoch = view_features, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

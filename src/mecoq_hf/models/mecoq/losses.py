@@ -1,10 +1,10 @@
-"""Losses of MeCoQ (METHOD.md §4): debiased contrastive loss with code-memory negatives, the codeword
+"""Losses of MeCoQ (docs/method.md §4): debiased contrastive loss with code-memory negatives, the codeword
 diversity penalty and the soft-assignment entropy term.
 
 Both forms of the contrastive loss are here:
 - `per_anchor`: the debiased contrastive loss of Chuang et al. (2020) as the paper writes it, one term per
   anchor view;
-- `broadcast`: what the reference code computes (METHOD.md §4.2): the (2B, 1) positive term and the (2B,)
+- `broadcast`: what the reference code computes (docs/method.md §4.2): the (2B, 1) positive term and the (2B,)
   negative sum broadcast to a (2B, 2B) matrix whose mean is the loss. Kept for parity with its numbers.
 """
 
@@ -47,7 +47,7 @@ def debiased_contrastive_loss(
         memory: (N_M, d) reconstructions of the code memory, used as extra negatives for every anchor.
         temperature: tau.
         pos_prior: rho+, the probability that a negative shares the anchor's class (0 disables debiasing).
-        debias: debiased estimator (METHOD.md §4.1) when True, plain InfoNCE sums when False.
+        debias: debiased estimator (docs/method.md §4.1) when True, plain InfoNCE sums when False.
         reduction: "per_anchor" (one term per anchor) or "broadcast" (the reference code's (2B, 2B) mean).
         count_memory: include the N_M memory negatives in the debiasing count N (reference: N = 2B - 2).
         floor: lower bound of the debiased negative term: "dcl" N * exp(-1/tau) or "official" exp(-N/tau).
@@ -66,7 +66,9 @@ def debiased_contrastive_loss(
         raise ValueError(f"floor must be 'dcl' or 'official', got {floor!r}.")
     batch = view_1.shape[0]
     if batch < 2:
-        raise ValueError(f"The contrastive loss needs at least 2 images per batch for negatives, got {batch}.")
+        raise ValueError(
+            f"The contrastive loss needs at least 2 images per batch for negatives, got {batch}."
+        )
 
     anchors = F.normalize(torch.cat([view_1, view_2]).float(), dim=-1)  # (2B, d), global L2 normalisation
     similarities = anchors @ anchors.T  # (2B, 2B)
@@ -92,7 +94,9 @@ def debiased_contrastive_loss(
     if debias:
         negative_term = (negative_sum - pos_prior * num_negatives * positive_exp) / (1.0 - pos_prior)
         lower_bound = (
-            num_negatives * math.exp(-1.0 / temperature) if floor == "dcl" else math.exp(-num_negatives / temperature)
+            num_negatives * math.exp(-1.0 / temperature)
+            if floor == "dcl"
+            else math.exp(-num_negatives / temperature)
         )
         negative_term = negative_term.clamp(min=lower_bound)
     else:
@@ -116,7 +120,7 @@ def codeword_diversity(codebooks: torch.Tensor) -> torch.Tensor:
 
 
 def assignment_entropy(assignments: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Mean entropy (nats) of the soft assignments, averaged over images and sub-spaces (METHOD.md §4.3).
+    """Mean entropy (nats) of the soft assignments, averaged over images and sub-spaces (docs/method.md §4.3).
 
     Args:
         assignments: (B, M, K) probabilities summing to one over K.

@@ -117,11 +117,18 @@ class MeCoQImageProcessor(BaseImageProcessor):
         }
         unknown = set(data_config or {}) - set(DATA_CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"Unknown data config keys {sorted(unknown)}; expected some of {DATA_CONFIG_KEYS}.")
+            raise ValueError(
+                f"Unknown data config keys {sorted(unknown)}; expected some of {DATA_CONFIG_KEYS}."
+            )
         config = {**defaults, **(data_config or {})}
-        self.data_config = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+        self.data_config = {
+            key: list(value) if isinstance(value, tuple) else value for key, value in config.items()
+        }
         self._transform = timm.data.create_transform(
-            **{key: tuple(value) if isinstance(value, list) else value for key, value in self.data_config.items()},
+            **{
+                key: tuple(value) if isinstance(value, list) else value
+                for key, value in self.data_config.items()
+            },
             is_training=False,
         )
 

@@ -1,4 +1,4 @@
-"""Training MeCoQ with Accelerate: one CPU, one GPU or many processes (METHOD.md §5-§6).
+"""Training MeCoQ with Accelerate: one CPU, one GPU or many processes (docs/method.md §5-§6).
 
 The loop follows the shape of accelerate's examples: seed, build, one `prepare` call, then per step
 forward two views -> loss -> backward -> SGD step -> per-iteration learning rate -> enqueue the gathered soft
@@ -31,13 +31,13 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 
-from .configuration_mecoq import MeCoQConfig
-from .data import make_train_dataloader
-from .encoding import EncodedDataset
-from .evaluation import evaluate_features
-from .feature_cache import CachedViewPairs, compute_features, compute_view_features
-from .modeling_mecoq import MeCoQModel
-from .transforms import build_eval_transform, build_train_transform
+from ..data.loaders import make_train_dataloader
+from ..data.transforms import build_eval_transform, build_train_transform
+from ..encoding import EncodedDataset
+from ..feature_cache import CachedViewPairs, compute_features, compute_view_features
+from ..models.mecoq.configuration_mecoq import MeCoQConfig
+from ..models.mecoq.modeling_mecoq import MeCoQModel
+from ..retrieval.evaluation import evaluate_features
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ LOG_FILE = "log.jsonl"
 class TrainingArguments:
     """Optimisation and run settings; the model's own settings live in `MeCoQConfig`.
 
-    Defaults follow the reference recipe (METHOD.md §6): SGD with momentum 0.9, lr 0.01, one epoch of linear
+    Defaults follow the reference recipe (docs/method.md §6): SGD with momentum 0.9, lr 0.01, one epoch of linear
     warm-up from 1e-5, cosine decay to 1e-5, batch 128, at most 50 epochs, patience 10.
 
     Args:
@@ -63,7 +63,7 @@ class TrainingArguments:
         batch_size: images per process per step (each gives two views).
         learning_rate: peak learning rate of the head (projection and codebooks).
         backbone_lr_scale: the trainable backbone layers use learning_rate * backbone_lr_scale. The reference
-            code meant 1e-3 but its scheduler overwrote it (METHOD.md §13.9); here the scale really applies.
+            code meant 1e-3 but its scheduler overwrote it (docs/method.md §13.9); here the scale really applies.
         warmup_epochs, warmup_start_lr, final_lr: per-iteration linear warm-up, then cosine decay.
         momentum, weight_decay: SGD settings (weight decay is the paper's beta; not applied to codebooks).
         gradient_accumulation_steps: micro-batches per optimizer step.
@@ -116,7 +116,13 @@ class TrainingArguments:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "eval_every_epochs", "keep_checkpoints")
+        positive = (
+            "num_epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "eval_every_epochs",
+            "keep_checkpoints",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -125,7 +131,9 @@ class TrainingArguments:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}.")
         if self.cached_views == 1 or self.cached_views < 0:
-            raise ValueError(f"cached_views must be 0 (off) or >= 2 views per image, got {self.cached_views}.")
+            raise ValueError(
+                f"cached_views must be 0 (off) or >= 2 views per image, got {self.cached_views}."
+            )
         if self.learning_rate <= 0 or self.backbone_lr_scale < 0:
             raise ValueError(
                 f"learning_rate must be > 0 and backbone_lr_scale >= 0, got {self.learning_rate} and "
@@ -169,7 +177,9 @@ class TrainingResult:
 # learning rate
 
 
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, peak: float, start: float, final: float) -> float:
+def learning_rate_factor(
+    step: int, total_steps: int, warmup_steps: int, peak: float, start: float, final: float
+) -> float:
     """lr(step) / peak: linear warm-up from `start` over `warmup_steps`, then cosine from `peak` to `final`."""
     if step < warmup_steps:
         lr = start + (peak - start) * step / max(warmup_steps - 1, 1)
@@ -261,19 +271,30 @@ class ValidationSet:
     extracted once (`cache_features`) and each epoch only re-runs the projection and the quantizer.
     """
 
-    def __init__(self, queries: Dataset, database: Dataset, top_k: int | None, batch_size: int, num_workers: int = 0):
+    def __init__(
+        self, queries: Dataset, database: Dataset, top_k: int | None, batch_size: int, num_workers: int = 0
+    ):
         self.queries, self.database, self.top_k = queries, database, top_k
         self.batch_size, self.num_workers = batch_size, num_workers
         self.features: tuple[EncodedDataset, EncodedDataset] | None = None
 
-    def cache_features(self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | None = None) -> None:
+    def cache_features(
+        self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | None = None
+    ) -> None:
         self.features = self._features(network, accelerator, cache_dir)
 
     def _features(self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | None = None):
         transform = build_eval_transform(network.backbone.data_config)
         return tuple(
-            compute_features(network.backbone, split, transform, batch_size=self.batch_size, accelerator=accelerator,
-                             show_progress_bar=False, cache_dir=cache_dir)  # fmt: skip
+            compute_features(
+                network.backbone,
+                split,
+                transform,
+                batch_size=self.batch_size,
+                accelerator=accelerator,
+                show_progress_bar=False,
+                cache_dir=cache_dir,
+            )  # fmt: skip
             for split in (self.queries, self.database)
         )
 
@@ -309,7 +330,10 @@ def build_accelerator(args: TrainingArguments) -> Accelerator:
 def _tensorboard_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    return (
+        importlib.util.find_spec("tensorboard") is not None
+        or importlib.util.find_spec("tensorboardX") is not None
+    )
 
 
 def train(
@@ -343,10 +367,14 @@ def train(
     model = MeCoQModel.for_training(config).to(accelerator.device)
     validation = None
     if validation_queries is not None:
-        validation = ValidationSet(validation_queries, validation_database, args.top_k, args.batch_size, args.num_workers)
+        validation = ValidationSet(
+            validation_queries, validation_database, args.top_k, args.batch_size, args.num_workers
+        )
     train_loader = _train_dataloader(model, args, train_dataset, accelerator)
     if not model.backbone.is_trainable and validation is not None:
-        validation.cache_features(model, accelerator, args.feature_cache_dir)  # a frozen backbone's features never change
+        validation.cache_features(
+            model, accelerator, args.feature_cache_dir
+        )  # a frozen backbone's features never change
     optimizer = build_optimizer(model, args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
@@ -365,7 +393,9 @@ def train(
     if accelerator.is_main_process:
         _write_json(output_dir / TRAINING_ARGS_FILE, args.to_dict())
     tracker_config = {**args.to_dict(), **{f"model.{k}": v for k, v in config.to_diff_dict().items()}}
-    accelerator.init_trackers("mecoq", config={k: v for k, v in tracker_config.items() if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers(
+        "mecoq", config={k: v for k, v in tracker_config.items() if isinstance(v, (int, float, str, bool))}
+    )
 
     network: MeCoQModel = accelerator.unwrap_model(model)
     memory_enabled = config.memory_start_epoch is not None and config.memory_size > 0
@@ -376,7 +406,11 @@ def train(
 
     for epoch in range(state.epoch, args.num_epochs):
         train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+        batches = (
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.batches_in_epoch
+            else train_loader
+        )
         use_memory = memory_enabled and epoch >= config.memory_start_epoch
         model.train()
         for batch in batches:
@@ -401,9 +435,24 @@ def train(
                 continue
             state.global_step += 1
             now = time.perf_counter()  # images/s include data loading and augmentation
-            images_per_second = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes / (now - last_step_time)
+            images_per_second = (
+                args.batch_size
+                * args.gradient_accumulation_steps
+                * accelerator.num_processes
+                / (now - last_step_time)
+            )
             last_step_time = now
-            _log_step(accelerator, args, output_dir, state, output, scheduler.get_last_lr()[0], epoch, images_per_second, progress)
+            _log_step(
+                accelerator,
+                args,
+                output_dir,
+                state,
+                output,
+                scheduler.get_last_lr()[0],
+                epoch,
+                images_per_second,
+                progress,
+            )
             if args.max_steps is not None and state.global_step >= args.max_steps:
                 stop = True
             if stop or (args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0):
@@ -413,7 +462,11 @@ def train(
         if stop:
             break
         state.epoch, state.batches_in_epoch = epoch + 1, 0
-        record = {"epoch": epoch, "step": state.global_step, "seconds": round(time.perf_counter() - started, 2)}
+        record = {
+            "epoch": epoch,
+            "step": state.global_step,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
         if validation is not None and (epoch + 1) % args.eval_every_epochs == 0:
             score = validation.mean_average_precision(model, accelerator)
             record["validation_map"] = score
@@ -423,9 +476,13 @@ def train(
                 network.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
             else:
                 state.evaluations_without_improvement += 1
-            accelerator.print(f"epoch {epoch}: validation mAP@{args.top_k} {score:.4f} (best {state.best_metric:.4f} at epoch {state.best_epoch})")
+            accelerator.print(
+                f"epoch {epoch}: validation mAP@{args.top_k} {score:.4f} (best {state.best_metric:.4f} at epoch {state.best_epoch})"
+            )
             accelerator.log({"validation/map": score}, step=state.global_step)
-            stopped_early = args.patience is not None and state.evaluations_without_improvement >= args.patience
+            stopped_early = (
+                args.patience is not None and state.evaluations_without_improvement >= args.patience
+            )
         state.history.append(record)
         _append_log(accelerator, output_dir, {"event": "epoch", **record})
         save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
@@ -439,13 +496,18 @@ def train(
     if state.best_metric is None:  # no validation split: the last model is the result
         network.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
-        _write_json(output_dir / RUN_RECORD_FILE, run_record(config, args, state, train_dataset, accelerator, finished))
+        _write_json(
+            output_dir / RUN_RECORD_FILE,
+            run_record(config, args, state, train_dataset, accelerator, finished),
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if state.best_metric is not None and finished:  # hand back the selected model, not the last one
         best = MeCoQModel.from_pretrained(output_dir, dtype=torch.float32)
         network.load_state_dict(best.state_dict(), strict=False)
-    return TrainingResult(network, output_dir, state.best_metric, state.best_epoch, state.history, stopped_early)
+    return TrainingResult(
+        network, output_dir, state.best_metric, state.best_epoch, state.history, stopped_early
+    )
 
 
 def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Dataset, accelerator: Accelerator):
@@ -453,19 +515,26 @@ def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Datas
     data_config = model.backbone.data_config
     view = build_train_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"])
     if not args.cached_views:
-        return make_train_dataloader(dataset, view, args.batch_size, args.seed, args.num_workers, on_bad_image=args.on_bad_image)
+        return make_train_dataloader(
+            dataset, view, args.batch_size, args.seed, args.num_workers, on_bad_image=args.on_bad_image
+        )
     if model.backbone.is_trainable:
         raise ValueError(
             f"cached_views={args.cached_views} needs a frozen backbone, but backbone_trainable is "
             f"{model.config.backbone_trainable!r}. Set backbone_trainable='frozen' or cached_views=0."
         )
-    accelerator.print(f"Caching {args.cached_views} augmented views of {len(dataset)} images with the frozen backbone...")
+    accelerator.print(
+        f"Caching {args.cached_views} augmented views of {len(dataset)} images with the frozen backbone..."
+    )
     features = compute_view_features(model.backbone, dataset, view, args.cached_views, seed=args.seed,
                                      batch_size=args.batch_size, accelerator=accelerator,
                                      show_progress_bar=args.progress_bar, cache_dir=args.feature_cache_dir)  # fmt: skip
     return torch.utils.data.DataLoader(
-        CachedViewPairs(features.cpu(), seed=args.seed), batch_size=args.batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
+        CachedViewPairs(features.cpu(), seed=args.seed),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+        num_workers=args.num_workers,
     )
 
 
@@ -497,7 +566,9 @@ def _log_step(accelerator, args, output_dir, state, output, lr, epoch, images_pe
         progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
     if state.global_step % args.log_every_steps == 0 or state.global_step == 1:
         accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
-        _append_log(accelerator, output_dir, {"event": "step", "epoch": epoch, "step": state.global_step, **values})
+        _append_log(
+            accelerator, output_dir, {"event": "step", "epoch": epoch, "step": state.global_step, **values}
+        )
 
 
 def _append_log(accelerator: Accelerator, output_dir: Path, record: dict[str, Any]) -> None:
@@ -518,7 +589,10 @@ def run_record(config, args, state, train_dataset, accelerator, finished: bool) 
         "config_changes": config.to_diff_dict(),
         "training_args": args.to_dict(),
         "training_args_defaults": TrainingArguments(output_dir=args.output_dir).to_dict(),
-        "dataset": {"train_size": len(train_dataset), "info": getattr(train_dataset.info, "description", "") or ""},
+        "dataset": {
+            "train_size": len(train_dataset),
+            "info": getattr(train_dataset.info, "description", "") or "",
+        },
         "metrics": {
             "best_validation_map": state.best_metric,
             "best_epoch": state.best_epoch,

@@ -1,7 +1,7 @@
 """Scores of queries against PQ codes, and top-k ranking with a deterministic tie rule.
 
 Shared by `evaluation.py` (mAP) and `index.py` (search) so both rank identically: by descending score, ties by
-ascending database position (METHOD.md §7 leaves ties to an unstable argsort; we make them deterministic).
+ascending database position (docs/method.md §7 leaves ties to an unstable argsort; we make them deterministic).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantization import hard_codes, lookup_tables, symmetric_tables
+from ..models.mecoq.quantization import hard_codes, lookup_tables, symmetric_tables
 
 DISTANCES = ("asymmetric", "symmetric")
 
@@ -49,7 +49,7 @@ def query_tables(
     """(Q, d) queries -> (Q, M, K) per-query score tables; score(q, x) = sum_m table[q, m, x^m].
 
     asymmetric: <q^m, c_k^m> (the raw query, or its unit sub-vectors with `normalize_query_subvectors`,
-    METHOD.md §10);
+    docs/method.md §10);
     symmetric: the query is hard-coded first and the table holds <c^m_{q^m}, c_k^m>.
     """
     check_choice("distance", distance, DISTANCES)

@@ -231,7 +231,9 @@ class ITQ(_BinaryHash):
         principal = self._principal_directions(centred)  # (F, c)
         projected = centred @ principal  # (N, c): V
         generator = torch.Generator().manual_seed(self.seed)
-        rotation = torch.linalg.qr(torch.randn(self.bits, self.bits, generator=generator, dtype=torch.float64))[0]
+        rotation = torch.linalg.qr(
+            torch.randn(self.bits, self.bits, generator=generator, dtype=torch.float64)
+        )[0]
         self.quantization_losses = []
         for _ in range(self.iterations):
             signs = torch.where(projected @ rotation >= 0, 1.0, -1.0).double()  # (N, c): B
@@ -432,10 +434,10 @@ def evaluate_pq_baseline(
     Returns:
         An `evaluation.RetrievalResult` whose `details` hold `num_train`, `feature_dim` and `method`.
     """
+    from ..data.transforms import build_eval_transform
+    from ..feature_cache import compute_features
+    from ..models.mecoq.modeling_mecoq import MeCoQModel
     from .evaluation import RetrievalResult, mean_average_precision, precision_recall_curve
-    from .feature_cache import compute_features
-    from .modeling_mecoq import MeCoQModel
-    from .transforms import build_eval_transform
 
     backbone = model.backbone
     if model.config.backbone_trainable != "frozen":  # fine-tuned: the baseline uses the pretrained weights
@@ -455,7 +457,7 @@ def evaluate_pq_baseline(
         "num_train": len(splits["train"]),
         "feature_dim": int(features["train"].outputs.shape[1]),
         "method": f"faiss IndexPQ(M={pq.num_codebooks}, 8 bits, METRIC_INNER_PRODUCT) on L2-normalised "
-        "frozen backbone features (mecoq_hf.baselines.PQ), asymmetric search",
+        "frozen backbone features (mecoq_hf.retrieval.baselines.PQ), asymmetric search",
     }
     return RetrievalResult(
         mean_average_precision(scores, *labels, top_k),

@@ -1,10 +1,10 @@
 """Retrieval metrics for MeCoQ codes: mAP@K, precision-recall and precision@N curves, and an evaluator.
 
-Definitions follow the reference code (METHOD.md §8): relevant = same class id (labels of shape (n,)) or at
+Definitions follow the reference code (docs/method.md §8): relevant = same class id (labels of shape (n,)) or at
 least one shared label (multi-hot labels of shape (n, C)); AP@K divides by the number of relevant items
 *inside* the top K and is 0 when there are none; the ranking is by descending score with ties broken by
 database position (lower first), which makes results deterministic where the reference relied on an unstable
-argsort (METHOD.md §7).
+argsort (docs/method.md §7).
 
 Every metric reads its (Q, N) scores a block of query rows at a time, so 10,000 queries against 1,000,000
 database items run in bounded memory. Scores may be a tensor or a lazy `CodeScores` matrix computed from query
@@ -25,17 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from .encoding import EncodedDataset, embed_features, encode_dataset, quantize_embeddings
-from .file_io import read_json, write_json
-from .quantization import asymmetric_scores, check_codebooks, check_codes
-from .ranking import (
-    DISTANCES,
-    check_choice,
-    check_query_embeddings,
-    query_tables,
-    scan_topk,
-    stable_topk,
-)
+from ..encoding import EncodedDataset, embed_features, encode_dataset, quantize_embeddings
+from ..file_io import read_json, write_json
+from ..models.mecoq.quantization import asymmetric_scores, check_codebooks, check_codes
+from .scoring import DISTANCES, check_choice, check_query_embeddings, query_tables, scan_topk, stable_topk
 
 if TYPE_CHECKING:
     import datasets
@@ -169,7 +162,7 @@ def average_precision(
     *,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Per-query AP@top_k (METHOD.md §8.1) as a (Q,) float64 tensor; `top_k=None` ranks the whole database.
+    """Per-query AP@top_k (docs/method.md §8.1) as a (Q,) float64 tensor; `top_k=None` ranks the whole database.
 
     Args:
         scores: (Q, N) similarities (higher = more similar): a tensor or a `CodeScores`.
@@ -194,7 +187,7 @@ def mean_average_precision(
     *,
     chunk_size: int | None = None,
 ) -> float:
-    """mAP@top_k of the reference code (METHOD.md §8.1); see `average_precision` for the arguments."""
+    """mAP@top_k of the reference code (docs/method.md §8.1); see `average_precision` for the arguments."""
     per_query = average_precision(scores, query_labels, db_labels, top_k, chunk_size=chunk_size)
     if per_query.numel() == 0:
         raise ValueError("mAP needs at least one query; got an empty score matrix.")
@@ -204,7 +197,7 @@ def mean_average_precision(
 def precision_recall_curve(
     scores: ScoreMatrix, query_labels: Any, db_labels: Any, *, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Precision and recall at every rank 1..N of the full ranking, averaged over queries (METHOD.md §8.2).
+    """Precision and recall at every rank 1..N of the full ranking, averaged over queries (docs/method.md §8.2).
 
     Recall divides by the relevant items in the whole database; a query with none has recall 0 at every rank.
     Returns (precision (N,), recall (N,)) float64.
@@ -224,7 +217,7 @@ def precision_recall_curve(
 def precision_at_n_curve(
     scores: ScoreMatrix, query_labels: Any, db_labels: Any, max_n: int, *, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Mean precision of the top n results for n = 1..max_n (METHOD.md §8.2), as a (min(max_n, N),) tensor."""
+    """Mean precision of the top n results for n = 1..max_n (docs/method.md §8.2), as a (min(max_n, N),) tensor."""
     _, num_db = _check_scores(scores)
     curve, count = torch.zeros(_check_top_k(max_n, num_db), dtype=torch.float64), 0
     for relevant in _ranked_relevance(scores, query_labels, db_labels, max_n, chunk_size):
@@ -247,7 +240,7 @@ class CodeScores:
         distance: "asymmetric" (query vs. codewords via per-query lookup tables, the default) or "symmetric"
             (the query is hard-coded too and scored against the decoded database; many ties).
         normalize_query_subvectors: asymmetric only; the paper's unit query sub-vectors instead of the
-            reference code's raw query (METHOD.md §10).
+            reference code's raw query (docs/method.md §10).
         block_size: database items scored at once by `stable_topk` (memory O(queries x block_size)).
     """
 
@@ -381,8 +374,8 @@ def evaluate_model(
         pr_curve: also compute the precision-recall curve over the full ranking.
         feature_cache_dir: keep and reuse the backbone features on disk (`feature_cache.compute_features`).
     """
-    from .feature_cache import compute_features
-    from .transforms import build_eval_transform
+    from ..data.transforms import build_eval_transform
+    from ..feature_cache import compute_features
 
     for images, side in ((queries, "query"), (database, "database")):
         if not {"label", "labels"} & set(images.column_names):
@@ -391,8 +384,15 @@ def evaluate_model(
             )
     transform = build_eval_transform(model.backbone.data_config)
     query_features, database_features = (
-        compute_features(model.backbone, split, transform, batch_size=batch_size, accelerator=accelerator,
-                         show_progress_bar=show_progress_bar, cache_dir=feature_cache_dir)  # fmt: skip
+        compute_features(
+            model.backbone,
+            split,
+            transform,
+            batch_size=batch_size,
+            accelerator=accelerator,
+            show_progress_bar=show_progress_bar,
+            cache_dir=feature_cache_dir,
+        )  # fmt: skip
         for split in (queries, database)
     )
     return evaluate_features(model, query_features, database_features, top_k=top_k, distance=distance,

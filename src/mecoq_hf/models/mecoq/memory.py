@@ -1,4 +1,4 @@
-"""Code memory of MeCoQ (METHOD.md §5): a FIFO ring of *soft codes* from recent batches.
+"""Code memory of MeCoQ (docs/method.md §5): a FIFO ring of *soft codes* from recent batches.
 
 The memory stores assignment probabilities (M x K per entry), not features: at every step they are turned
 back into vectors with the *current* codebooks and used as extra negatives. Soft codes drift less than
@@ -57,7 +57,7 @@ class CodeMemory(nn.Module):
         Args:
             assignments: (B, M, K) soft codes; detached and stored in the buffer's dtype.
             advance: how far the pointer moves (defaults to B). The reference code always advances by the
-                nominal batch size, also after a smaller last batch (METHOD.md §5); pass that size for parity.
+                nominal batch size, also after a smaller last batch (docs/method.md §5); pass that size for parity.
         """
         if self.size == 0:
             return

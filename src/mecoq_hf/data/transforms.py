@@ -1,4 +1,4 @@
-"""Image transforms of MeCoQ: the random view recipe for training and the evaluation transform (METHOD.md §3).
+"""Image transforms of MeCoQ: the random view recipe for training and the evaluation transform (docs/method.md §3).
 
 - `build_train_transform` draws one augmented view; `TwoViewTransform` applies it twice, independently, to
   give the two views of the contrastive loss.
@@ -19,11 +19,11 @@ import PIL.Image
 import torch
 from torchvision import transforms as T
 
-from .image_processing_mecoq import DATA_CONFIG_KEYS, MeCoQImageProcessor, to_rgb_image
+from ..models.mecoq.image_processing_mecoq import DATA_CONFIG_KEYS, MeCoQImageProcessor, to_rgb_image
 
 
 def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """One draw of the MeCoQ view recipe (METHOD.md §3.1); wrap it in `TwoViewTransform` for the two views.
+    """One draw of the MeCoQ view recipe (docs/method.md §3.1); wrap it in `TwoViewTransform` for the two views.
 
     The backbone's mean/std are passed in: (0.5, 0.5, 0.5) for EfficientNet-Lite, ImageNet statistics for
     the paper's VGG-16. The 3x3 blur runs on the PIL image with torchvision instead of OpenCV.

@@ -4,7 +4,7 @@ MeCoQ: "Contrastive Quantization with Code Memory for Unsupervised Image Retriev
 J. Wang, Z. Zeng, B. Chen, T. Dai, S.-T. Xia, AAAI 2022, https://arxiv.org/abs/2109.05205.
 
 Reads bottom-up: output type, pre-trained base class, then `MeCoQModel`. Section numbers refer to
-`shared/docs/METHOD.md`. This file and the modules it imports relatively form the `trust_remote_code` closure:
+`docs/method.md`. This file and the modules it imports relatively form the `trust_remote_code` closure:
 only torch, timm and transformers may be imported absolutely.
 """
 
@@ -32,7 +32,6 @@ from .quantization import CODEBOOKS_FILE, ProductQuantizer, save_codebooks
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_CHECKSUM_KEY = "mecoq_sha256"
-
 
 
 @dataclass
@@ -89,14 +88,14 @@ class MeCoQPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise only the modules MeCoQ owns; the timm backbone keeps its own (or loaded) weights."""
         if isinstance(module, ProductQuantizer):
-            # Xavier-uniform on (M, K, D); codewords are L2-normalised whenever they are used (METHOD.md §2.3).
+            # Xavier-uniform on (M, K, D); codewords are L2-normalised whenever they are used (docs/method.md §2.3).
             init.xavier_uniform_(module.codebooks)
         elif isinstance(module, CodeMemory):
             init.zeros_(module.codes)
             init.zeros_(module.filled)
             init.zeros_(module.pointer)
         elif isinstance(module, nn.Linear) and module is getattr(self, "projection", None):
-            # PyTorch's default Linear initialisation, as in the reference transform layer (METHOD.md §2.2).
+            # PyTorch's default Linear initialisation, as in the reference transform layer (docs/method.md §2.2).
             init.kaiming_uniform_(module.weight, a=5**0.5)
             bound = 1 / module.in_features**0.5
             init.uniform_(module.bias, -bound, bound)
@@ -201,7 +200,9 @@ class MeCoQModel(MeCoQPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         features = self._features(pixel_values, features, "pixel_values", "features")
         second = pixel_values_2 is not None or features_2 is not None
-        features_2 = self._features(pixel_values_2, features_2, "pixel_values_2", "features_2") if second else None
+        features_2 = (
+            self._features(pixel_values_2, features_2, "pixel_values_2", "features_2") if second else None
+        )
         if features_2 is not None and features_2.shape != features.shape:
             raise ValueError(
                 f"Both views must have the same shape, got {tuple(features.shape)} and {tuple(features_2.shape)} "
@@ -210,16 +211,23 @@ class MeCoQModel(MeCoQPreTrainedModel):
         embeddings = self.projection(features)  # (B, d)
         soft = self.quantizer(embeddings)
         output = MeCoQModelOutput(
-            embeddings=embeddings, quantized=soft.reconstruction, assignments=soft.assignments, codes=soft.codes
+            embeddings=embeddings,
+            quantized=soft.reconstruction,
+            assignments=soft.assignments,
+            codes=soft.codes,
         )
         if features_2 is not None:
             soft_2 = self.quantizer(self.projection(features_2))
-            losses = self.loss(soft.reconstruction, soft_2.reconstruction, soft.assignments, soft_2.assignments, use_memory)
+            losses = self.loss(
+                soft.reconstruction, soft_2.reconstruction, soft.assignments, soft_2.assignments, use_memory
+            )
             output.loss, output.contrastive_loss, output.entropy, output.codeword_diversity = losses
             output.quantized_2, output.assignments_2 = soft_2.reconstruction, soft_2.assignments
         return output if return_dict else output.to_tuple()
 
-    def _features(self, pixel_values: torch.Tensor | None, features: torch.Tensor | None, image_name: str, name: str):
+    def _features(
+        self, pixel_values: torch.Tensor | None, features: torch.Tensor | None, image_name: str, name: str
+    ):
         """(B, F) backbone features from images, or the given precomputed features (exactly one of the two)."""
         if (pixel_values is None) == (features is None):
             raise ValueError(f"Pass exactly one of `{image_name}` (images) and `{name}` (backbone features).")
@@ -240,7 +248,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
         assignments_2: torch.Tensor,
         use_memory: bool = False,
     ) -> LossBreakdown:
-        """MeCoQ objective (METHOD.md §4): contrastive + lambda * entropy + gamma * codeword diversity."""
+        """MeCoQ objective (docs/method.md §4): contrastive + lambda * entropy + gamma * codeword diversity."""
         config = self.config
         memory_vectors = None
         if use_memory and self.memory.num_filled > 0:
@@ -264,7 +272,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
 
     @torch.no_grad()
     def update_memory(self, *assignments: torch.Tensor, advance: int | None = None) -> None:
-        """Enqueue soft codes (B, M, K), view by view, after the optimizer step (METHOD.md §5).
+        """Enqueue soft codes (B, M, K), view by view, after the optimizer step (docs/method.md §5).
 
         Under DDP pass codes gathered from all processes so that every rank keeps the same memory.
         """
@@ -273,7 +281,9 @@ class MeCoQModel(MeCoQPreTrainedModel):
 
     # saving and loading
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs
+    ) -> None:
         """`PreTrainedModel.save_pretrained`, plus `codebooks.safetensors` (enough to decode or search codes
         made elsewhere), `preprocessor_config.json`, and a sha256 of the weights in their safetensors metadata.
 
@@ -366,10 +376,14 @@ def verify_weights_checksum(path: str) -> None:
         raise ValueError(f"{path} is not a readable safetensors file ({error}). {fix}") from error
     size = os.path.getsize(path)
     if size != offset + data_end:
-        raise ValueError(f"{path} is truncated or padded: expected {offset + data_end} bytes, found {size}. {fix}")
+        raise ValueError(
+            f"{path} is truncated or padded: expected {offset + data_end} bytes, found {size}. {fix}"
+        )
     expected = (header.get("__metadata__") or {}).get(WEIGHTS_CHECKSUM_KEY)
     if expected is not None and _data_sha256(path, offset) != expected:
-        raise ValueError(f"{path} was altered after it was saved: its sha256 does not match the recorded one. {fix}")
+        raise ValueError(
+            f"{path} was altered after it was saved: its sha256 does not match the recorded one. {fix}"
+        )
 
 
 __all__ = ["MeCoQModel", "MeCoQModelOutput", "MeCoQPreTrainedModel"]

@@ -31,18 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import DataSource
-from .file_io import read_json, write_atomic, write_json
-from .splits import PROTOCOLS, SPLITS_FILE, SplitDefinition
+from ..data.sources import DataSource
+from ..data.splits import PROTOCOLS, SPLITS_FILE, SplitDefinition
+from ..file_io import read_json, write_atomic, write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from datasets import Dataset, DatasetDict
 
-    from .configuration_mecoq import MeCoQConfig
-    from .evaluation import RetrievalResult
-    from .modeling_mecoq import MeCoQModel
-    from .training import TrainingArguments
+    from ..models.mecoq.configuration_mecoq import MeCoQConfig
+    from ..models.mecoq.modeling_mecoq import MeCoQModel
+    from ..retrieval.evaluation import RetrievalResult
+    from ..training.trainer import TrainingArguments
 
 SECTIONS = ("model", "training", "data")
 EXIT_USAGE = 2
@@ -56,8 +56,8 @@ def _field_types(section: str) -> dict[str, str]:
     """Field name -> annotation text of the settings a config section accepts."""
     from transformers import PreTrainedConfig
 
-    from .configuration_mecoq import MeCoQConfig
-    from .training import TrainingArguments
+    from ..models.mecoq.configuration_mecoq import MeCoQConfig
+    from ..training.trainer import TrainingArguments
 
     if section == "model":
         base = {field.name for field in dataclasses.fields(PreTrainedConfig)}
@@ -151,7 +151,7 @@ def parse_assignment(text: str) -> tuple[str, str, Any]:
 def _apply_bits(model: dict[str, Any], preset: dict[str, Any], bits: int, keep_embedding_dim: bool) -> None:
     """M = bits / log2(K); d follows so that the sub-vector width D = d / M of the preset / file stays,
     unless --embedding-dim was given (`keep_embedding_dim`)."""
-    from .configuration_mecoq import MeCoQConfig
+    from ..models.mecoq.configuration_mecoq import MeCoQConfig
 
     defaults = {
         name: MeCoQConfig.__dataclass_fields__[name].default
@@ -216,8 +216,8 @@ def resolve_train_settings(
     args: argparse.Namespace,
 ) -> tuple[MeCoQConfig, TrainingArguments, SplitDefinition]:
     """(MeCoQConfig, TrainingArguments, SplitDefinition): preset < config file < flags < --set."""
-    from .configuration_mecoq import PRESETS, MeCoQConfig
-    from .training import TrainingArguments
+    from ..models.mecoq.configuration_mecoq import PRESETS, MeCoQConfig
+    from ..training.trainer import TrainingArguments
 
     file = read_config_file(args.config) if args.config else {}
     preset = args.preset or file.get("preset")
@@ -266,14 +266,14 @@ def _finish(accelerator: Accelerator) -> None:
 def _accelerator() -> Accelerator:
     """The Accelerator of the current launch (one process under plain `mecoq`), built as for training so
     that several processes on a CPU-only machine are joined over gloo; it logs nothing and saves no state."""
-    from .training import TrainingArguments, build_accelerator
+    from ..training.trainer import TrainingArguments, build_accelerator
 
     return build_accelerator(TrainingArguments(output_dir=os.getcwd(), report_to=[]))
 
 
 def _model_and_images(args: argparse.Namespace) -> tuple[MeCoQModel, DataSource, Accelerator, Dataset]:
     """The model, the data source of the data flags, the launch's Accelerator and the source's images."""
-    from .hub import load_model
+    from ..hub import load_model
 
     model = load_model(args.model)
     data = DataSource(
@@ -293,7 +293,7 @@ def _encoding_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import build_accelerator, list_checkpoints, train
+    from ..training.trainer import build_accelerator, list_checkpoints, train
 
     config, training_args, definition = resolve_train_settings(args)
     output_dir = Path(training_args.output_dir)
@@ -350,7 +350,7 @@ def _annotate_run_record(output_dir: Path, definition: SplitDefinition, splits: 
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from .encoding import encode_images, quantize_embeddings, save_encoded
+    from ..encoding import encode_images, quantize_embeddings, save_encoded
 
     model, data, accelerator, images = _model_and_images(args)
     method = "embed" if args.embeddings else "encode"
@@ -376,9 +376,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from .data import class_names, image_paths
-    from .encoding import encode_images
-    from .index import CodeIndex, save_sidecar, sidecar_path
+    from ..data.sources import class_names, image_paths
+    from ..encoding import encode_images
+    from ..retrieval.index import CodeIndex, save_sidecar, sidecar_path
 
     model, data, accelerator, images = _model_and_images(args)
     encoded = encode_images(model, images, accelerator, method="encode", **_encoding_options(args))
@@ -416,10 +416,10 @@ def _labels_of(ids: list[int], sidecar: dict[str, Any] | None) -> list[str] | No
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .data import decode_image
-    from .hub import load_model
-    from .index import CodeIndex, load_sidecar, sidecar_path
-    from .transforms import build_eval_transform
+    from ..data.sources import decode_image
+    from ..data.transforms import build_eval_transform
+    from ..hub import load_model
+    from ..retrieval.index import CodeIndex, load_sidecar, sidecar_path
 
     if not Path(args.index).is_file():
         raise FileNotFoundError(f"Index file {args.index} does not exist; build it with `mecoq index build`.")
@@ -454,7 +454,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         label = labels[rank - 1] if labels else "-"
         print(f"{rank:>4}  {item:>8}  {score:>9.4f}  {label}" + (f"  {paths.get(item)}" if paths else ""))
     if args.grid:
-        from .visualization import save_retrieval_grid
+        from ..visualization import save_retrieval_grid
 
         if sidecar is None:
             raise ValueError(
@@ -468,9 +468,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .baselines import evaluate_pq_baseline
-    from .evaluation import evaluate_model
-    from .hub import load_model
+    from ..hub import load_model
+    from ..retrieval.baselines import evaluate_pq_baseline
+    from ..retrieval.evaluation import evaluate_model
 
     model = load_model(args.model)
     definition, record = _evaluation_splits(args)
@@ -584,7 +584,7 @@ def _report_evaluation(
         write_json(args.output, payload)
         print(f"Metrics written to {args.output}")
     if args.pr_curve:
-        from .visualization import plot_pr_curve
+        from ..visualization import plot_pr_curve
 
         bits = {
             "MeCoQ": config.bits,
@@ -596,7 +596,7 @@ def _report_evaluation(
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_model_to_hub
+    from ..hub import push_model_to_hub
 
     folder = Path(args.model)
     if not folder.is_dir():
@@ -619,12 +619,14 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from .model_card import build_model_card
+    from ..model_card import build_model_card
 
     folder = Path(args.model)
     record_path = folder / "run_record.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} does not exist: `mecoq card` needs a folder written by mecoq train.")
+        raise FileNotFoundError(
+            f"{record_path} does not exist: `mecoq card` needs a folder written by mecoq train."
+        )
     run_record = read_json(record_path, "Run record")
     if args.metrics:
         run_record = _with_evaluation(run_record, folder, Path(args.metrics))
@@ -651,7 +653,7 @@ def _with_evaluation(run_record: dict[str, Any] | None, folder: Path, metrics_pa
 
 
 def cmd_push_index(args: argparse.Namespace) -> int:
-    from .hub import push_index_to_hub
+    from ..hub import push_index_to_hub
 
     commit = push_index_to_hub(
         args.index,
@@ -899,7 +901,9 @@ def _hub_parsers(commands: Any) -> None:
     card.add_argument(
         "--metrics", metavar="metrics.json", help="a mecoq evaluate --output file to report on the card"
     )
-    card.add_argument("--repo-id", metavar="REPO_ID", help="the repo the card will live in (for its usage snippet)")
+    card.add_argument(
+        "--repo-id", metavar="REPO_ID", help="the repo the card will live in (for its usage snippet)"
+    )
     card.add_argument("--output", metavar="FILE", help="default: MODEL_DIR/README.md")
     push_index = _subparser(
         commands,
@@ -938,7 +942,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     import yaml
     from huggingface_hub.errors import StrictDataclassError
 
-    from .hub import HubUploadError
+    from ..hub import HubUploadError
 
     return (
         ValueError,

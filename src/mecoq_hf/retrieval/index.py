@@ -1,7 +1,7 @@
 """A searchable index of MeCoQ product-quantization codes (M bytes per item for K = 256).
 
 `CodeIndex` keeps the hard codes (N, M), the codebooks (M, K, D) and int64 user ids, and answers top-k queries
-with asymmetric (query embedding vs. codewords, METHOD.md §7) or symmetric scores. It follows faiss' verbs
+with asymmetric (query embedding vs. codewords, docs/method.md §7) or symmetric scores. It follows faiss' verbs
 (`add`, `search`, `ntotal`, `reconstruct`) and can export itself as a faiss `IndexPQ`. Files are safetensors
 with a format version and a checksum; an optional JSON sidecar next to the file (`save_sidecar`) records what
 the ids stand for (labels, image paths, the data source and the model). Ranking ties are broken by database
@@ -23,15 +23,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .file_io import read_json, write_atomic, write_json
-from .quantization import check_codebooks, check_codes, code_dtype, decode_codes, hard_codes
-from .ranking import (
-    DISTANCES,
-    check_choice,
-    check_query_embeddings,
-    query_tables,
-    scan_topk,
-)
+from ..file_io import read_json, write_atomic, write_json
+from ..models.mecoq.quantization import check_codebooks, check_codes, code_dtype, decode_codes, hard_codes
+from .scoring import DISTANCES, check_choice, check_query_embeddings, query_tables, scan_topk
 
 if TYPE_CHECKING:
     import faiss
@@ -92,7 +86,7 @@ class CodeIndex:
         distance: "asymmetric" (query embedding vs. codewords, the paper's default) or "symmetric" (the query
             is hard-coded too; many ties).
         normalize_query_subvectors: asymmetric only; unit-normalise each query sub-vector (the paper's
-            formula) instead of the raw query (the reference code). METHOD.md §10.
+            formula) instead of the raw query (the reference code). docs/method.md §10.
         backend: default search backend, "native" (torch) or "faiss" (`IndexPQ`, asymmetric, K = 256 only).
         query_batch_size, database_batch_size: search processes (query_batch_size x database_batch_size) score
             blocks, so memory stays bounded whatever the index size.

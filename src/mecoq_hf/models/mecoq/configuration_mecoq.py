@@ -5,7 +5,7 @@ J. Wang, Z. Zeng, B. Chen, T. Dai, S.-T. Xia, AAAI 2022, https://arxiv.org/abs/2
 
 The configuration exposes both the behaviour of the public reference code ("official" preset, including its
 frozen random codebooks) and what the paper describes ("paper" preset). Section numbers refer to
-`shared/docs/METHOD.md`.
+`docs/method.md`.
 """
 
 # No `from __future__ import annotations` here: @strict validates field types from real annotations.
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-# Settings that differ between the reference code and the paper (METHOD.md §10).
+# Settings that differ between the reference code and the paper (docs/method.md §10).
 PRESETS: dict[str, dict[str, Any]] = {
     # The public reference code's behaviour: frozen random codebooks (the diversity penalty is a constant),
     # the 2B x 2B "broadcast" contrastive loss, N = 2B - 2 in the debiasing, floor exp(-N/tau), raw memory
@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# One preset per row of the reference scripts (METHOD.md §9), on top of "official". The reference backbone
+# One preset per row of the reference scripts (docs/method.md §9), on top of "official". The reference backbone
 # is VGG-16 cut at fc7; its ImageNet weights must come from a local file or the Hub.
 _VGG16 = {"backbone": "vgg16", "backbone_weights": "timm", "image_size": 224}
 _SCRIPT_ROWS = {
@@ -120,7 +120,7 @@ class MeCoQConfig(PreTrainedConfig):
     pos_prior (`float`, *optional*, defaults to 0.1):
         rho+, the prior probability that a negative is in fact a positive, in [0, 1).
     contrastive_reduction (`str`, *optional*, defaults to `"per_anchor"`):
-        `"per_anchor"` (standard DCL) or `"broadcast"` (the reference code's 2B x 2B mean, METHOD.md §4.2).
+        `"per_anchor"` (standard DCL) or `"broadcast"` (the reference code's 2B x 2B mean, docs/method.md §4.2).
     debias_count_memory (`bool`, *optional*, defaults to `True`):
         Count memory negatives in the debiasing N (the reference code uses N = 2B - 2).
     debias_floor (`str`, *optional*, defaults to `"dcl"`):
@@ -128,7 +128,7 @@ class MeCoQConfig(PreTrainedConfig):
     normalize_memory (`bool`, *optional*, defaults to `True`):
         L2-normalise memory reconstructions so their logits are cosines like the in-batch ones.
     entropy_weight (`float`, *optional*, defaults to 0.0):
-        lambda, weight of the soft-assignment entropy (reference code only, METHOD.md §4.3).
+        lambda, weight of the soft-assignment entropy (reference code only, docs/method.md §4.3).
     codeword_reg_weight (`float`, *optional*, defaults to 0.5):
         gamma, weight of the codeword-diversity penalty (mean inner product of codewords per codebook).
     memory_size (`int`, *optional*, defaults to 384):
@@ -209,14 +209,18 @@ class MeCoQConfig(PreTrainedConfig):
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2 codewords, got {self.codebook_size}.")
         if self.image_size is not None and self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 pixels (or None for the backbone's), got {self.image_size}.")
+            raise ValueError(
+                f"image_size must be >= 16 pixels (or None for the backbone's), got {self.image_size}."
+            )
         if isinstance(self.backbone_trainable, str) and self.backbone_trainable not in ("frozen", "all"):
             raise ValueError(
                 f"backbone_trainable must be 'frozen', 'all' or a number of last groups >= 1, "
                 f"got {self.backbone_trainable!r}."
             )
         if isinstance(self.backbone_trainable, int) and self.backbone_trainable < 1:
-            raise ValueError(f"backbone_trainable as a number of groups must be >= 1, got {self.backbone_trainable}.")
+            raise ValueError(
+                f"backbone_trainable as a number of groups must be >= 1, got {self.backbone_trainable}."
+            )
 
     def validate_loss(self) -> None:
         """Checks of the loss and memory settings run by `@strict` at construction."""
@@ -240,4 +244,4 @@ class MeCoQConfig(PreTrainedConfig):
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}.")
 
 
-__all__ = ["MeCoQConfig", "PRESETS"]
+__all__ = ["PRESETS", "MeCoQConfig"]

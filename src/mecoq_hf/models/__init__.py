@@ -1,0 +1,1 @@
+"""Model families of mecoq-hf; `models/mecoq/` is MeCoQ's transformers closure."""

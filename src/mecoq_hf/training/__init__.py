@@ -1,0 +1,1 @@
+"""Training MeCoQ with Accelerate (`trainer`)."""
