@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from mecoq_hf import MeCoQModel, cli
 from mecoq_hf.cli import build_parser
-from mecoq_hf.cli.commands import resolve_train_settings
+from mecoq_hf.cli.settings import resolve_train_settings
 from mecoq_hf.data.loaders import make_eval_dataloader
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.splits import SplitDefinition

@@ -1,0 +1,125 @@
+"""What the `mecoq` commands share: argument groups, the launch's Accelerator, loading a model and its images."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..data.sources import DataSource
+from ..data.splits import PROTOCOLS
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from datasets import Dataset
+
+    from ..models.mecoq.modeling_mecoq import MeCoQModel
+
+EXIT_USAGE = 2
+Handler = Callable[[argparse.Namespace], int]  # a command: parsed arguments -> exit status
+
+
+def _say(accelerator: Accelerator | None, message: str) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        print(message, flush=True)
+
+
+def _finish(accelerator: Accelerator) -> None:
+    """Let every process reach the end, then tear the process group down (avoids an abort at exit)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _accelerator() -> Accelerator:
+    """The Accelerator of the current launch (one process under plain `mecoq`), built as for training so
+    that several processes on a CPU-only machine are joined over gloo; it logs nothing and saves no state."""
+    from ..training.trainer import TrainingArguments, build_accelerator
+
+    return build_accelerator(TrainingArguments(output_dir=os.getcwd(), report_to=[]))
+
+
+def _model_and_images(args: argparse.Namespace) -> tuple[MeCoQModel, DataSource, Accelerator, Dataset]:
+    """The model, the data source of the data flags, the launch's Accelerator and the source's images."""
+    from ..hub import load_model
+
+    model = load_model(args.model)
+    data = DataSource(
+        args.dataset, args.split, args.limit, args.image_column or "image", args.label_column or "label"
+    )
+    accelerator = _accelerator()
+    with accelerator.main_process_first():
+        return model, data, accelerator, data.load()
+
+
+def _encoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "show_progress_bar": not args.no_progress,
+    }
+
+
+def _data_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        required=required,
+        metavar="SOURCE",
+        help="fashion-mnist, an image folder (<root>/<class>/<images>), a save_to_disk folder, or a "
+        "Hub dataset name (where the Hub is reachable)",
+    )
+    group.add_argument("--split", help="split of a multi-split source (e.g. test; train+test concatenates)")
+    group.add_argument("--limit", type=int, metavar="N", help="use only the first N images of the source")
+    group.add_argument("--image-column", help="image column of the source (default: image)")
+    group.add_argument(
+        "--label-column", help="label column (default: label, or labels; none: unlabelled images)"
+    )
+
+
+def _split_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("splits (query / validation / database / train)")
+    group.add_argument("--protocol", choices=PROTOCOLS, help="how to split (default: random, per class)")
+    group.add_argument("--num-query", type=int, metavar="N", help="query (test) images (default 1000)")
+    group.add_argument(
+        "--num-validation",
+        type=int,
+        metavar="N",
+        help="validation queries for model selection, disjoint from the queries (default 1000; 0: none)",
+    )
+    group.add_argument(
+        "--train-size",
+        type=int,
+        metavar="N",
+        help="training images, drawn from the database (default: the whole database)",
+    )
+    group.add_argument(
+        "--seed", type=int, help="seed of the split draw (and, for train, of training; default 2021)"
+    )
+
+
+def _run_options(parser: argparse.ArgumentParser, batch_size: int | None = 128) -> None:
+    parser.add_argument("--batch-size", type=int, default=batch_size, metavar="B", help="images per batch")
+    parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader worker processes")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _debug_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the full traceback of errors instead of a one-line message",
+    )
+
+
+def _subparser(
+    commands: Any, name: str, handler: Handler, help_text: str, description: str
+) -> argparse.ArgumentParser:
+    """The parser of one command; `main` calls `handler(args)` when it is chosen."""
+    parser = commands.add_parser(
+        name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(handler=handler)
+    _debug_option(parser, argparse.SUPPRESS)  # SUPPRESS: a `mecoq --debug cmd` is not reset by the subcommand
+    return parser

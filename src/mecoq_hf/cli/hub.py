@@ -1,0 +1,129 @@
+"""`mecoq push`, `mecoq card` and `mecoq push-index`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..file_io import read_json, write_atomic
+from .common import _subparser
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ..hub import push_model_to_hub
+
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Model folder {folder} does not exist.")
+    record_path = folder / "run_record.json"
+    run_record = read_json(record_path, "Run record") if record_path.is_file() else None
+    if args.metrics:
+        run_record = _with_evaluation(run_record, folder, Path(args.metrics))
+    commit = push_model_to_hub(
+        folder,
+        args.repo_id,
+        run_record=run_record,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+    print(f"Pushed {folder} to {args.repo_id}: {commit.commit_url}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from ..model_card import build_model_card
+
+    folder = Path(args.model)
+    record_path = folder / "run_record.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(
+            f"{record_path} does not exist: `mecoq card` needs a folder written by mecoq train."
+        )
+    run_record = read_json(record_path, "Run record")
+    if args.metrics:
+        run_record = _with_evaluation(run_record, folder, Path(args.metrics))
+    output = Path(args.output) if args.output else folder / "README.md"
+    card = build_model_card(run_record, repo_id=args.repo_id)
+    write_atomic(output, lambda name: card.save(name))
+    print(f"Model card written to {output}")
+    return 0
+
+
+def _with_evaluation(run_record: dict[str, Any] | None, folder: Path, metrics_path: Path) -> dict[str, Any]:
+    """Merge a `mecoq evaluate --output` file into the run record, so the card reports the test mAP."""
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"Metrics file {metrics_path} does not exist (write it with mecoq evaluate --output)."
+        )
+    evaluation = read_json(metrics_path, "Metrics file")
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("metrics"), dict):
+        raise TypeError(f"{metrics_path} is not a `mecoq evaluate --output` file (no 'metrics' mapping).")
+    record = dict(run_record or {"config": read_json(folder / "config.json", "Model config")})
+    record["metrics"] = {**(record.get("metrics") or {}), **evaluation["metrics"]}
+    record["eval_datasets"] = {**(record.get("eval_datasets") or {}), "": evaluation.get("dataset") or {}}
+    return record
+
+
+def cmd_push_index(args: argparse.Namespace) -> int:
+    from ..hub import push_index_to_hub
+
+    commit = push_index_to_hub(
+        args.index,
+        args.repo_id,
+        path_in_repo=args.path_in_repo or Path(args.index).name,
+        repo_type=args.repo_type,
+        token=args.token,
+        private=args.private,
+    )
+    print(f"Pushed {args.index} to the {args.repo_type} repo {args.repo_id}: {commit.commit_url}")
+    return 0
+
+
+def _hub_parsers(commands: Any) -> None:
+    push = _subparser(
+        commands,
+        "push",
+        cmd_push,
+        "push a model folder to the Hub",
+        "Push a model folder with its model card (built from run_record.json) in one commit.",
+    )
+    push.add_argument("model", metavar="MODEL_DIR")
+    push.add_argument("repo_id", metavar="REPO_ID", help="namespace/name")
+    push.add_argument(
+        "--metrics", metavar="metrics.json", help="a mecoq evaluate --output file to report on the card"
+    )
+    push.add_argument("--revision", help="branch (created if missing; default main)")
+    push.add_argument("--commit-message")
+    card = _subparser(
+        commands,
+        "card",
+        cmd_card,
+        "write the model card of a model folder",
+        "Render the model card (what MeCoQ is, backbone and weights licence, bits, hyperparameters, mAP results\n"
+        "as model-index entries) from run_record.json, by default into MODEL_DIR/README.md.",
+    )
+    card.add_argument("model", metavar="MODEL_DIR")
+    card.add_argument(
+        "--metrics", metavar="metrics.json", help="a mecoq evaluate --output file to report on the card"
+    )
+    card.add_argument(
+        "--repo-id", metavar="REPO_ID", help="the repo the card will live in (for its usage snippet)"
+    )
+    card.add_argument("--output", metavar="FILE", help="default: MODEL_DIR/README.md")
+    push_index = _subparser(
+        commands,
+        "push-index",
+        cmd_push_index,
+        "push an index file to the Hub",
+        "Upload a CodeIndex file (checked first) to a dataset (default) or model repo.",
+    )
+    push_index.add_argument("index", metavar="INDEX")
+    push_index.add_argument("repo_id", metavar="REPO_ID")
+    push_index.add_argument("--repo-type", choices=("dataset", "model"), default="dataset")
+    push_index.add_argument("--path-in-repo", help="default: the file's name")
+    for parser in (push, push_index):
+        parser.add_argument("--token", help="Hub token (default: the saved login)")
+        parser.add_argument("--private", action="store_true", help="create the repo as private")
