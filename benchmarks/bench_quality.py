@@ -496,7 +496,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, output)
     table = markdown(report)
-    output.with_suffix(".md").write_text(table)
+    file_io.write_atomic(output.with_suffix(".md"), lambda name: Path(name).write_text(table))
     if not args.quick:
         plot_figures(report, output.parent)
     print(table)
