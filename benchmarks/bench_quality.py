@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from mecoq_hf import file_io
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.splits import retrieval_splits
 from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
@@ -426,19 +426,11 @@ def plot_map_vs_bits(rows: list[dict], path: Path) -> None:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, ncol=1 if zoomed else 2)
     figure.suptitle("Fashion-MNIST, frozen EfficientNet-Lite0 at 64 px, mAP@1000 (1,000 queries x 60,000)")
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", bbox_inches="tight")
-    os.replace(temporary, path)
+    file_io.write_atomic(path, lambda name: figure.savefig(name, format="png", bbox_inches="tight"))
 
 
 def write_json(payload: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w") as file:
-        json.dump(payload, file, indent=1)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    file_io.write_json(path, payload, indent=1)
 
 
 # main
@@ -504,7 +496,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, output)
     table = markdown(report)
-    output.with_suffix(".md").write_text(table)
+    file_io.write_atomic(output.with_suffix(".md"), lambda name: Path(name).write_text(table))
     if not args.quick:
         plot_figures(report, output.parent)
     print(table)

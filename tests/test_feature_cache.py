@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from file_modes import UMASKS, modes_not_following, process_umask
 
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
@@ -48,6 +50,16 @@ def test_disk_cache_is_reused_and_keyed_by_settings(tmp_path):
         backbone, images, view, 3, seed=1, cache_dir=tmp_path, show_progress_bar=False
     )
     assert len(list(tmp_path.glob("views-*.safetensors"))) == 3 and not torch.equal(changed, first)
+
+
+@pytest.mark.parametrize("umask", UMASKS, ids=oct)
+def test_cache_files_follow_the_umask(tmp_path, umask):
+    backbone, images = tiny_backbone(), load_fashion_mnist("test", limit=4)
+    transform = build_eval_transform(backbone.data_config)
+    with process_umask(umask):
+        compute_features(backbone, images, transform, cache_dir=tmp_path / "cache", show_progress_bar=False)
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
+    assert modes_not_following(umask, tmp_path) == {}
 
 
 def test_view_pairs_are_distinct_and_depend_only_on_seed_epoch_and_item():

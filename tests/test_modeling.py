@@ -12,6 +12,7 @@ import warnings
 import pytest
 import timm
 import torch
+from file_modes import UMASKS, modes_not_following, process_umask
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModel
 
@@ -160,6 +161,18 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path)) is MeCoQModel
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(processor, MeCoQImageProcessor) and processor.image_size == 32
+
+
+@pytest.mark.parametrize("umask", UMASKS, ids=oct)
+def test_every_saved_file_follows_the_umask(tmp_path, umask):
+    model = tiny_model()
+    with process_umask(umask):
+        model.save_pretrained(tmp_path / "model")
+        model.save_pretrained(tmp_path / "model")  # replacing an existing save gives the same modes
+    names = set(os.listdir(tmp_path / "model"))
+    assert {"config.json", "model.safetensors", "codebooks.safetensors", "preprocessor_config.json",
+            "modeling_mecoq.py", "quantization.py"} <= names  # fmt: skip
+    assert modes_not_following(umask, tmp_path / "model") == {}
 
 
 def test_truncated_or_altered_weights_are_refused(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from file_modes import UMASKS, modes_not_following, process_umask
 from PIL import Image
 
 from mecoq_hf.visualization import plot_pr_curve, save_retrieval_grid
@@ -37,3 +38,14 @@ def test_save_retrieval_grid_is_one_row_of_panels(tmp_path):
         assert image.format == "PNG" and image.width > 3 * image.height  # six panels side by side
     with pytest.raises(ValueError, match="one score"):
         save_retrieval_grid(query, results, [0.5], None, tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("umask", UMASKS, ids=oct)
+def test_pngs_follow_the_umask(tmp_path, umask):
+    recall = torch.linspace(0, 1, 20)
+    images = [torch.rand(1, 28, 28) for _ in range(3)]
+    with process_umask(umask):
+        curve = plot_pr_curve({"32 bits": (1 - 0.5 * recall, recall)}, tmp_path / "figures" / "pr_curve.png")
+        grid = save_retrieval_grid(images[0], images[1:], [0.9, 0.8], None, tmp_path / "search.png")
+    assert curve.is_file() and grid.is_file()
+    assert modes_not_following(umask, tmp_path) == {}

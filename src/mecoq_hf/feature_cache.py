@@ -30,6 +30,7 @@ from torch import nn
 
 from .data.loaders import make_eval_dataloader
 from .encoding import EncodedDataset, encode_dataset
+from .file_io import write_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -148,11 +149,8 @@ def _cached(
         tensors = load_file(str(path))
         return EncodedDataset(tensors["outputs"], tensors.get("labels"), tensors.get("ids"))
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: value.contiguous() for name, value in result._asdict().items() if value is not None}
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)
+    write_atomic(path, lambda name: save_file(tensors, name))
     return result
 
 

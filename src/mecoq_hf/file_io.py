@@ -1,44 +1,25 @@
-"""Safe reads and writes of the package's small files: split records, index sidecars, metrics, encoded codes.
+"""Safe reads and writes of the package's files: split records, index sidecars, metrics, codes, figures.
 
-A write goes to a temporary file in the target folder, is flushed to disk, then renamed onto the target
+Every file the package writes goes through `write_atomic`: a temporary file in the target folder, flushed
+to disk, given the mode the user's umask asks for (0o666 & ~umask), then renamed onto the target
 (`os.replace`), so a reader sees the complete old file or the complete new one, never a half-written file.
-A JSON read that fails names the file and what it was supposed to be, instead of a bare `JSONDecodeError`.
+`apply_umask` gives folders other libraries wrote (accelerate's checkpoints) the same modes. The one
+implementation lives in the model closure (`models/mecoq/file_access.py`, which must not import this
+package) and is re-exported here.
+
+A read that fails names the file and what it was supposed to be: `check_readable` tells "permission
+denied" from "does not exist", and a damaged JSON file raises a `ValueError` instead of a bare
+`JSONDecodeError`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call `write(temp_path)`, fsync the result, then rename it onto `path`: the file is complete or absent.
-
-    Args:
-        path: the file to create or replace; its parent folders are created.
-        write: writes the whole content to the temporary path it is given (e.g. `safetensors.torch.save_file`).
-
-    Returns:
-        `path` as a `Path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_name)
-        with open(temp_name, "rb") as written:
-            os.fsync(written.fileno())
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; the file is as readable as any other output
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+from .models.mecoq.file_access import apply_umask, check_readable, current_umask, file_mode, write_atomic
 
 
 def write_json(path: str | os.PathLike, payload: Any, *, indent: int | None = 2) -> Path:
@@ -48,8 +29,13 @@ def write_json(path: str | os.PathLike, payload: Any, *, indent: int | None = 2)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
-    """The parsed content of a JSON file; `ValueError` naming `what` (e.g. "Split record") if it is damaged."""
-    path = Path(path)
+    """The parsed content of a JSON file.
+
+    Raises:
+        FileNotFoundError / PermissionError: the file does not exist / may not be read (`check_readable`).
+        ValueError: naming `what` (e.g. "Split record") when the file is damaged.
+    """
+    path = check_readable(path, what)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -58,4 +44,12 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         ) from error
 
 
-__all__ = ["read_json", "write_atomic", "write_json"]
+__all__ = [
+    "apply_umask",
+    "check_readable",
+    "current_umask",
+    "file_mode",
+    "read_json",
+    "write_atomic",
+    "write_json",
+]

@@ -7,13 +7,14 @@ importing this module is free and the caller's pyplot backend (e.g. in a noteboo
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .file_io import write_atomic
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -26,18 +27,8 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _save_png(figure: Any, path: str | os.PathLike) -> Path:
-    """Write the figure to a temp file in the target folder, then rename it into place (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png", bbox_inches="tight")
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the figure as a PNG with `write_atomic` (complete or absent, mode from the umask)."""
+    return write_atomic(path, lambda name: figure.savefig(name, format="png", bbox_inches="tight"))
 
 
 def _as_array(values: Any) -> np.ndarray:

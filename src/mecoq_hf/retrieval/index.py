@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..file_io import read_json, write_atomic, write_json
+from ..file_io import check_readable, read_json, write_atomic, write_json
 from ..models.mecoq.quantization import check_codebooks, check_codes, code_dtype, decode_codes, hard_codes
 from .scoring import DISTANCES, check_choice, check_query_embeddings, query_tables, scan_topk
 
@@ -330,7 +330,7 @@ class CodeIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str = "native") -> CodeIndex:
         """Read an index written by `save`; `IndexFormatError` for a truncated, edited or foreign file."""
-        path = Path(path)
+        path = check_readable(path, "Index file", "Build it with `mecoq index build` or `CodeIndex.save`.")
         # `safe_open` memory-maps the file privately (copy-on-write) and `get_tensor` returns views of that
         # map, so the index bytes are not read into a second in-memory copy; pages load lazily as the checksum
         # below (and later searches) touch them. Copies happen only on `add` (new tensors) or a write.

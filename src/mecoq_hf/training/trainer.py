@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..data.loaders import make_train_dataloader
 from ..data.transforms import build_train_transform
 from ..feature_cache import CachedViewPairs, compute_view_features
+from ..file_io import apply_umask
 from ..models.mecoq.configuration_mecoq import MeCoQConfig
 from ..models.mecoq.modeling_mecoq import MeCoQModel
 from .validation import ValidationSet
@@ -230,6 +231,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerSt
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(staging / TRAINER_STATE_FILE, dataclasses.asdict(state))
+        apply_umask(staging)  # accelerate (safetensors) writes 0600 files
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_checkpoints(output_dir)[:-keep]:

@@ -10,8 +10,6 @@ only torch, timm and transformers may be imported absolutely.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -21,17 +19,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import CONFIG_NAME, ModelOutput, cached_file
 
 from .backbones import TimmBackbone, load_backbone_weights, warn_random_backbone
 from .configuration_mecoq import MeCoQConfig
+from .file_access import apply_umask, check_readable
 from .image_processing_mecoq import MeCoQImageProcessor
 from .losses import LossBreakdown, assignment_entropy, codeword_diversity, debiased_contrastive_loss
 from .memory import CodeMemory
 from .quantization import CODEBOOKS_FILE, ProductQuantizer, save_codebooks
+from .weights_checksum import add_weights_checksum, verify_weights_checksum
 
 WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_CHECKSUM_KEY = "mecoq_sha256"
 
 
 @dataclass
@@ -285,10 +284,12 @@ class MeCoQModel(MeCoQPreTrainedModel):
         self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs
     ) -> None:
         """`PreTrainedModel.save_pretrained`, plus `codebooks.safetensors` (enough to decode or search codes
-        made elsewhere), `preprocessor_config.json`, and a sha256 of the weights in their safetensors metadata.
+        made elsewhere), `preprocessor_config.json`, and a sha256 of the weights in their safetensors
+        metadata.
 
         Files are first written to a temporary folder beside the target and then moved in one by one with
-        `os.replace`, so an interrupted save never leaves a half-written file under its final name.
+        `os.replace`, so an interrupted save never leaves a half-written file under its final name. Every file
+        gets the mode the umask asks for (0o666 & ~umask; `safetensors` alone would make them 0600).
         """
         if not is_main_process:
             return
@@ -302,6 +303,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
             for name in sorted(os.listdir(staging)):
                 if name.endswith(".safetensors") and name != CODEBOOKS_FILE:
                     add_weights_checksum(os.path.join(staging, name))
+            apply_umask(staging)
             for name in sorted(os.listdir(staging)):
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
@@ -309,7 +311,12 @@ class MeCoQModel(MeCoQPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> MeCoQModel:
-        """`PreTrainedModel.from_pretrained` that first refuses a truncated or altered `model.safetensors`."""
+        """`PreTrainedModel.from_pretrained` that first refuses a truncated or altered `model.safetensors`.
+
+        A local folder, its config or weights that this user may not read raise `PermissionError`
+        ("permission denied") instead of transformers' "not a valid model identifier".
+        """
+        _check_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         lookup = {key: kwargs[key] for key in _CACHED_FILE_KWARGS if key in kwargs}
         weights = cached_file(
             pretrained_model_name_or_path, WEIGHTS_FILE, _raise_exceptions_for_missing_entries=False, **lookup
@@ -323,67 +330,27 @@ class MeCoQModel(MeCoQPreTrainedModel):
         return MeCoQImageProcessor(self.backbone.data_config)
 
 
-# checkpoint integrity
+# loading
 
 _CACHED_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
-def _read_safetensors_header(path: str) -> tuple[dict, int]:
-    """Parse a safetensors header; returns (header, offset of the data section)."""
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError("file shorter than the 8-byte header length")
-        header_length = int.from_bytes(prefix, "little")
-        raw = file.read(header_length)
-    if len(raw) < header_length:
-        raise ValueError(f"header of {header_length} bytes announced, only {len(raw)} present")
-    return json.loads(raw), 8 + header_length
+def _check_local_folder(source: str | os.PathLike, subfolder: str) -> None:
+    """Raise "permission denied" for a local model folder (or its config) this user may not read.
 
-
-def _data_sha256(path: str, offset: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        file.seek(offset)
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def add_weights_checksum(path: str) -> None:
-    """Rewrite a safetensors file with the sha256 of its data section in the header metadata (atomically)."""
-    header, offset = _read_safetensors_header(path)
-    header.setdefault("__metadata__", {})[WEIGHTS_CHECKSUM_KEY] = _data_sha256(path, offset)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as target, open(path, "rb") as source:
-        target.write(len(encoded).to_bytes(8, "little") + encoded)
-        source.seek(offset)
-        shutil.copyfileobj(source, target)
-        target.flush()
-        os.fsync(target.fileno())
-    os.replace(temporary, path)
-
-
-def verify_weights_checksum(path: str) -> None:
-    """Raise a ValueError naming the file when it is truncated, unreadable or altered since it was saved."""
-    fix = "Download it again (delete the cached copy) or re-save the model with `save_pretrained`."
+    transformers checks folders with `os.path.isdir`, which is False for an unreadable one, and would then
+    look the path up on the Hub. A source that does not exist locally is left to transformers (a Hub id).
+    """
     try:
-        header, offset = _read_safetensors_header(path)
-        data_end = max(entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}). {fix}") from error
-    size = os.path.getsize(path)
-    if size != offset + data_end:
-        raise ValueError(
-            f"{path} is truncated or padded: expected {offset + data_end} bytes, found {size}. {fix}"
-        )
-    expected = (header.get("__metadata__") or {}).get(WEIGHTS_CHECKSUM_KEY)
-    if expected is not None and _data_sha256(path, offset) != expected:
-        raise ValueError(
-            f"{path} was altered after it was saved: its sha256 does not match the recorded one. {fix}"
-        )
+        os.stat(source)
+    except PermissionError:
+        pass  # something is there: `check_readable` says what cannot be read
+    except (OSError, ValueError, TypeError):
+        return
+    folder = check_readable(source, "Model folder")
+    config = folder / subfolder / CONFIG_NAME
+    if folder.is_dir() and os.path.lexists(config):
+        check_readable(config, "Model config")
 
 
 __all__ = ["MeCoQModel", "MeCoQModelOutput", "MeCoQPreTrainedModel"]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .file_access import check_readable, write_atomic
+
 CODEBOOKS_FILE = "codebooks.safetensors"
 CODEBOOKS_FORMAT = "mecoq-codebooks"
 CODEBOOKS_FORMAT_VERSION = "1"
@@ -300,15 +302,20 @@ def save_codebooks(path: str | os.PathLike, codebooks: torch.Tensor) -> None:
         "subvector_dim": str(subvector_dim),
         "sha256": _tensor_sha256(codebooks),
     }
-    temporary = f"{path}.tmp-{os.getpid()}"
-    save_file({"codebooks": codebooks}, temporary, metadata=metadata)
-    os.replace(temporary, path)
+    write_atomic(path, lambda name: save_file({"codebooks": codebooks}, name, metadata=metadata))
 
 
 def load_codebooks(path: str | os.PathLike) -> torch.Tensor:
-    """Read (M, K, D) codebooks written by `save_codebooks` (or `save_pretrained`), with format checks."""
+    """Read (M, K, D) codebooks written by `save_codebooks` (or `save_pretrained`), with format checks.
+
+    Raises:
+        FileNotFoundError / PermissionError: the file does not exist / may not be read by this user.
+        ValueError: the file is truncated, altered, or not a MeCoQ codebooks file.
+    """
     from safetensors import SafetensorError, safe_open
 
+    fix = "Download it again or re-save it with `model.save_pretrained`."
+    check_readable(path, "Codebooks file", fix)  # safetensors reports an unreadable file as missing
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
