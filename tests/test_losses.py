@@ -82,7 +82,7 @@ def test_contrastive_loss_matches_loop_reference(reduction, debias, with_memory,
 
 
 def test_debias_clamp_is_active_and_matches_reference():
-    """With a large prior and near-identical views, (S - rho N P)/(1 - rho) goes negative: the floor decides."""
+    """Large prior, near-identical views: (S - rho N P)/(1 - rho) goes negative and the floor decides."""
     torch.manual_seed(1)
     base = torch.randn(4, 6)
     view_1, view_2 = base, base + 1e-3 * torch.randn(4, 6)
@@ -160,3 +160,69 @@ def test_assignment_entropy_matches_definition():
         sum(-sum(float(x) * math.log(float(x)) for x in p[b, m]) for b in range(4) for m in range(2)) / 8
     )
     assert assignment_entropy(p).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("floor", ["dcl", "official"])
+@pytest.mark.parametrize("count_memory", [True, False])
+def test_debias_clamp_binds_with_memory_negatives(floor, count_memory):
+    """Identical views (P = e^{1/tau}), orthogonal in-batch negatives, memory vectors opposite to the anchors:
+    S is tiny next to rho N P, so every anchor sits on the floor, whose N counts the memory or not."""
+    temperature, pos_prior, batch, memory_size = 0.2, 0.5, 4, 5
+    base = torch.eye(6, dtype=torch.float64)[:batch] * 3.0  # (B, 6), orthogonal rows
+    memory = -torch.ones(memory_size, 6, dtype=torch.float64)  # cos -1/sqrt(6) with every anchor
+    settings = dict(
+        temperature=temperature,
+        pos_prior=pos_prior,
+        debias=True,
+        reduction="per_anchor",
+        count_memory=count_memory,
+        floor=floor,
+        normalize_memory=True,
+    )
+    loss = debiased_contrastive_loss(base, base.clone(), memory, **settings)
+    assert loss.dtype == torch.float64
+    n = 2 * batch - 2 + (memory_size if count_memory else 0)
+    negatives = (2 * batch - 2) * 1.0 + memory_size * math.exp(-1 / math.sqrt(6) / temperature)  # S
+    positive = math.exp(1 / temperature)  # P
+    assert (negatives - pos_prior * n * positive) / (1 - pos_prior) < 0  # the unclamped term is negative
+    lower = n * math.exp(-1 / temperature) if floor == "dcl" else math.exp(-n / temperature)
+    assert loss.item() == pytest.approx(math.log1p(lower / positive), rel=1e-12)
+    assert loss.item() == pytest.approx(reference_loss(base, base.clone(), memory, **settings), rel=1e-9)
+
+
+def _double(*shape: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+
+@pytest.mark.parametrize("reduction", ["per_anchor", "broadcast"])
+@pytest.mark.parametrize("normalize_memory", [True, False])
+def test_contrastive_loss_gradients_match_finite_differences(reduction, normalize_memory):
+    """float64 gradcheck of the loss w.r.t. both views and the memory (away from the debias clamp)."""
+    view_1, view_2, memory = _double(4, 6, seed=0), _double(4, 6, seed=1), _double(3, 6, seed=2)
+    settings = dict(
+        temperature=0.4,
+        pos_prior=0.1,
+        reduction=reduction,
+        count_memory=True,
+        floor="dcl",
+        normalize_memory=normalize_memory,
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b, m: debiased_contrastive_loss(a, b, m, **settings), (view_1, view_2, memory)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b: debiased_contrastive_loss(a, b, None, debias=False, **settings), (view_1, view_2)
+    )
+
+
+def test_regulariser_gradients_match_finite_differences():
+    codebooks = _double(2, 5, 3, seed=3)
+    assert torch.autograd.gradcheck(codeword_diversity, (codebooks,))
+
+    def diversity_of_unit_codewords(raw: torch.Tensor) -> torch.Tensor:  # as in the model
+        return codeword_diversity(torch.nn.functional.normalize(raw, dim=-1))
+
+    assert torch.autograd.gradcheck(diversity_of_unit_codewords, (codebooks,))
+    probabilities = torch.softmax(_double(3, 2, 6, seed=4).detach(), dim=-1).requires_grad_()
+    assert torch.autograd.gradcheck(assignment_entropy, (probabilities,))

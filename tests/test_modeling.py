@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -243,3 +244,219 @@ def test_precomputed_backbone_features_give_the_same_loss_as_images():
         model(first, features=features)
     with pytest.raises(ValueError, match=r"\(B, 256\)"):
         model(features=features[:, :10])
+
+
+# codebook scale (unit-norm codewords, renormalised after every optimizer step)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_fresh_models_hold_unit_norm_codewords(preset):
+    """Construction, `for_training` and `_init_weights` all give unit-norm codewords (docs/method.md §2.3).
+
+    `_init_weights` used to re-draw Xavier values without normalising: norms of ~0.05-0.4.
+    """
+    config = MeCoQConfig.from_preset(preset, **TINY)
+    for model in (MeCoQModel(config), tiny_model(preset)):
+        norms = model.quantizer.codebooks.detach().norm(dim=-1)  # (M, K)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+        model._init_weights(model.quantizer)  # what post_init applies to a model that is not loaded
+        norms = model.quantizer.codebooks.detach().norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+
+
+def test_sgd_step_then_renormalisation_gives_small_even_angular_steps():
+    """One real SGD step (lr 0.01) on the paper preset, then `renormalize_codebooks_`.
+
+    The forward pass normalises the codewords, so the gradient of a codeword of norm r is tangent and scaled
+    by 1/r, and the step turns it by atan(lr * |grad| / r). Only at r = 1 is the angle lr * |grad| for every
+    codeword: the same learning rate for all. Measured on this setup (M=2, K=16, batch 32), mean / max turn
+    per step: before the fix 0.042 / 0.175 degrees with norms 0.17-0.43 (the angle was 2.3-5.9x lr * |grad|);
+    after it 0.0006 / 0.020 degrees. (K=256, d=64: 0.0082 / 0.071 before, 0.0016 / 0.028 after.)
+    """
+    model = tiny_model("paper")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    before = model.quantizer.codebooks.detach().clone()  # (M, K, D)
+    model(*views(batch=32)).loss.backward()
+    gradient_norms = model.quantizer.codebooks.grad.norm(dim=-1)  # (M, K)
+    optimizer.step()
+    model.renormalize_codebooks_()
+
+    after = model.quantizer.codebooks.detach()
+    norms = after.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    cosines = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).clamp(max=1)
+    angles = torch.acos(cosines)  # (M, K) radians
+    # Every codeword turns by lr * |grad|: no per-codeword learning rate. (acos is inaccurate for tiny
+    # angles, so compare where the turn is well resolved.)
+    resolved = angles > 1e-5
+    assert resolved.sum() >= 8
+    torch.testing.assert_close(
+        angles[resolved], torch.atan(0.01 * gradient_norms.double())[resolved], rtol=2e-2, atol=0
+    )
+    assert torch.rad2deg(angles).max() < 0.05 and torch.rad2deg(angles).mean() < 0.005
+
+
+def test_renormalisation_keeps_codes_and_outputs():
+    """Rescaling raw codewords (e.g. a checkpoint from before the fix) changes neither codes nor the loss."""
+    model = tiny_model("paper").eval()
+    with torch.no_grad():
+        model.quantizer.codebooks.mul_(torch.rand(2, 16, 1) * 0.4 + 0.05)  # raw Xavier-like norms
+    first, second = views()
+    expected, expected_codes = model(first, second), model.encode(first)
+    model.renormalize_codebooks_()
+    norms = model.quantizer.codebooks.detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    assert torch.equal(model.encode(first), expected_codes)
+    torch.testing.assert_close(model(first, second).loss, expected.loss, rtol=1e-6, atol=0)
+
+
+# precision: the head, the quantizer and the loss run in float32 under autocast
+
+
+def _loss_and_projection_gradient(model: MeCoQModel, autocast: bool, **inputs):
+    """Forward (under bf16 autocast if asked), then backward outside autocast, as training loops do: torch
+    runs a backward called inside `torch.autocast` with autocast on, whatever the forward pass disabled."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = model(**inputs)
+    output.loss.backward()
+    return output, model.projection.weight.grad.clone()
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_bf16_autocast_leaves_the_head_quantizer_and_loss_in_float32(preset):
+    """Same backbone features with and without bf16 autocast: identical loss, gradient and hard codes.
+
+    Before the fix autocast ran the projection, the quantizer's and the loss's matmuls in bf16 (despite
+    `.float()`): here the loss moved by ~3.5e-3 relative and the projection gradient by ~8%.
+    """
+    model = tiny_model(preset)
+    first, second = views()
+    with torch.no_grad():
+        model.update_memory(model(first, second).assignments)
+        features, features_2 = model.backbone(first), model.backbone(second)
+    inputs = dict(features=features, features_2=features_2, use_memory=True)
+    reference, reference_gradient = _loss_and_projection_gradient(model, autocast=False, **inputs)
+    mixed, mixed_gradient = _loss_and_projection_gradient(model, autocast=True, **inputs)
+    assert mixed.loss.dtype == mixed.embeddings.dtype == mixed.quantized.dtype == torch.float32
+    torch.testing.assert_close(mixed.loss, reference.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mixed.contrastive_loss, reference.contrastive_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mixed_gradient, reference_gradient, rtol=1e-5, atol=1e-9)
+    assert torch.equal(mixed.codes, reference.codes)
+    assert torch.equal(mixed.assignments, reference.assignments)
+
+
+def test_bf16_autocast_still_applies_to_the_backbone():
+    """With images, only the backbone follows autocast: the loss equals the float32 head on bf16 features."""
+    model = tiny_model("paper", backbone_trainable="all")
+    first, second = views()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(first, second)
+        codes = model.encode(first)
+        with torch.no_grad():
+            features, features_2 = model.backbone(first), model.backbone(second)
+    assert features.dtype == torch.bfloat16  # the backbone ran in reduced precision
+    head_only = model(features=features.float(), features_2=features_2.float())
+    torch.testing.assert_close(mixed.loss, head_only.loss, rtol=1e-6, atol=0)
+    assert mixed.embeddings.dtype == torch.float32 and torch.equal(codes, head_only.codes)
+    mixed.loss.backward()
+    backbone_gradients = [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in backbone_gradients)
+
+
+# the loss the model computes
+
+
+def _soft_reconstruction(assignments: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """(N, M, K) soft codes -> (N, M*D) with the unit-normalised codebooks, written out for the tests."""
+    unit = torch.nn.functional.normalize(codebooks.detach(), dim=-1)  # (M, K, D)
+    return torch.einsum("nmk,mkd->nmd", assignments, unit).reshape(assignments.shape[0], -1)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_contrastive_loss_is_computed_on_the_soft_reconstructions_with_memory(preset):
+    """The model's contrastive term is `debiased_contrastive_loss` of the two views' soft reconstructions
+    (docs/method.md §2.4, pitfall 3) and the memory's codes decoded with the current codebooks; the same loss
+    on the continuous embeddings z is a different number."""
+    from mecoq_hf.models.mecoq.losses import debiased_contrastive_loss
+
+    model = tiny_model(preset)
+    config = model.config
+    first, second = views()
+    with torch.no_grad():
+        earlier = model(*views(batch=4, size=32)[::-1])
+        model.update_memory(earlier.assignments, earlier.assignments_2)
+    assert model.memory.num_filled == 8
+    output = model(first, second, use_memory=True)
+    settings = dict(
+        temperature=config.temperature,
+        pos_prior=config.pos_prior,
+        debias=config.loss_mode == "debias",
+        reduction=config.contrastive_reduction,
+        count_memory=config.debias_count_memory,
+        floor=config.debias_floor,
+        normalize_memory=config.normalize_memory,
+    )
+    memory = _soft_reconstruction(model.memory.soft_codes(), model.quantizer.codebooks)  # (8, d)
+    quantized = _soft_reconstruction(output.assignments, model.quantizer.codebooks)
+    torch.testing.assert_close(output.quantized, quantized, rtol=0, atol=1e-6)
+    expected = debiased_contrastive_loss(output.quantized, output.quantized_2, memory, **settings)
+    torch.testing.assert_close(output.contrastive_loss, expected, rtol=1e-6, atol=0)
+
+    without_memory = debiased_contrastive_loss(output.quantized, output.quantized_2, None, **settings)
+    embeddings_2 = model(second).embeddings
+    on_embeddings = debiased_contrastive_loss(output.embeddings, embeddings_2, memory, **settings)
+    assert abs(output.contrastive_loss.item() - without_memory.item()) > 1e-3
+    assert abs(output.contrastive_loss.item() - on_embeddings.item()) > 1e-3
+
+
+def test_debias_floor_binds_with_memory_negatives_in_the_model():
+    """Identical views and pos_prior 0.99: (S - rho N P) / (1 - rho) < 0 for every anchor, so the loss is the
+    DCL floor N * exp(-1/tau) with N = 2B - 2 + N_M (memory counted, paper preset)."""
+    model = tiny_model("paper", pos_prior=0.99, temperature=0.2).eval()
+    first, second = views()
+    with torch.no_grad():
+        model.update_memory(model(second).assignments, model(first).assignments[:2])
+        output = model(first, first, use_memory=True)
+    assert model.memory.num_filled == 8
+    tau, rho, batch = 0.2, 0.99, first.shape[0]
+    views_ = torch.cat([output.quantized, output.quantized_2]).double()  # (2B, d)
+    anchors = torch.nn.functional.normalize(views_, dim=-1)
+    memory = torch.nn.functional.normalize(
+        _soft_reconstruction(model.memory.soft_codes(), model.quantizer.codebooks).double(), dim=-1
+    )
+    similarities = anchors @ anchors.T  # (2B, 2B)
+    partner = torch.arange(2 * batch).roll(batch)
+    positives = torch.exp(similarities[torch.arange(2 * batch), partner] / tau)  # (2B,)
+    mask = torch.ones_like(similarities, dtype=torch.bool)
+    mask.fill_diagonal_(False)
+    mask[torch.arange(2 * batch), partner] = False
+    negatives = (torch.exp(similarities / tau) * mask).sum(1) + torch.exp(anchors @ memory.T / tau).sum(1)
+    count = 2 * batch - 2 + 8
+    floor = count * math.exp(-1 / tau)
+    assert ((negatives - rho * count * positives) / (1 - rho) < floor).all()  # the clamp binds everywhere
+    expected = torch.log1p(floor / positives).mean()
+    torch.testing.assert_close(output.contrastive_loss.double(), expected, rtol=1e-5, atol=0)
+    # Not counting the memory in N would give a smaller floor, hence a smaller loss.
+    in_batch_floor = (2 * batch - 2) * math.exp(-1 / tau)
+    assert output.contrastive_loss.item() > torch.log1p(in_batch_floor / positives).mean()
+
+
+# the code memory through the model
+
+
+def test_update_memory_keeps_a_fifo_when_blocks_exceed_the_memory():
+    """Memory of 3, blocks of 5 (DDP gathers world_size x batch): enqueue 0..4 then 9 keeps [3, 4, 9]."""
+    model = tiny_model("paper", memory_size=3)
+
+    def soft_codes(*values: float) -> torch.Tensor:
+        return torch.tensor(values)[:, None, None].expand(len(values), 2, 16)
+
+    model.update_memory(soft_codes(0, 1, 2, 3, 4))
+    model.update_memory(soft_codes(9))
+    assert sorted(float(v) for v in model.memory.soft_codes()[:, 0, 0]) == [3.0, 4.0, 9.0]
+    # Two views of 5 each, as in a training step: the newest three codes of the second view survive, and the
+    # next block replaces the oldest of them.
+    model.update_memory(soft_codes(10, 11, 12, 13, 14), soft_codes(20, 21, 22, 23, 24), advance=5)
+    model.update_memory(soft_codes(30), advance=5)
+    assert sorted(float(v) for v in model.memory.soft_codes()[:, 0, 0]) == [23.0, 24.0, 30.0]

@@ -148,3 +148,117 @@ def test_hard_codes_function_equals_the_quantizer(quantizer):
     assert torch.equal(hard_codes(z, quantizer.codebooks.detach()), quantizer.encode(z))
     with pytest.raises(ValueError, match=r"\(B, 12\)"):
         hard_codes(torch.randn(2, 8), quantizer.codebooks.detach())
+
+
+# unit-norm codewords, precision, gradients
+
+
+def test_codewords_are_unit_norm_and_renormalisation_only_rescales(quantizer):
+    norms = quantizer.codebooks.detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    z = torch.randn(6, 12)
+    with torch.no_grad():
+        quantizer.codebooks.mul_(torch.rand(3, 8, 1) + 0.05)  # e.g. after an optimizer step
+    directions, codes = quantizer.normalized_codebooks().detach(), quantizer.encode(z)
+    quantizer.renormalize_codebooks_()
+    torch.testing.assert_close(quantizer.codebooks.detach(), directions, rtol=0, atol=1e-7)
+    assert torch.equal(quantizer.encode(z), codes)
+
+
+def test_quantizer_ignores_bf16_autocast(quantizer):
+    z = torch.randn(32, 12)
+    reference = quantizer(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, codes, tables = quantizer(z), quantizer.encode(z), quantizer.lookup_tables(z)
+    assert mixed.reconstruction.dtype == mixed.assignments.dtype == tables.dtype == torch.float32
+    assert torch.equal(mixed.assignments, reference.assignments)
+    assert torch.equal(mixed.reconstruction, reference.reconstruction)
+    assert torch.equal(codes, reference.codes) and torch.equal(mixed.codes, reference.codes)
+
+
+def test_soft_quantization_gradients_match_finite_differences():
+    """float64 gradcheck of the reconstruction and the assignments w.r.t. embeddings and raw codebooks."""
+    torch.manual_seed(7)
+    quantizer = ProductQuantizer(dim=6, num_codebooks=2, codebook_size=4, trainable=True).double()
+    embeddings = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    codebooks = (quantizer.codebooks.detach() * 1.3).requires_grad_()  # off the unit sphere on purpose
+
+    def soft(z: torch.Tensor, raw_codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = torch.func.functional_call(quantizer, {"codebooks": raw_codebooks}, (z,))
+        return output.reconstruction, output.assignments
+
+    assert torch.autograd.gradcheck(soft, (embeddings, codebooks))
+
+
+# spherical k-means initialisation
+
+
+def test_kmeans_initialisation_recovers_known_clusters():
+    """8 well-separated unit centres per sub-space (+-e_i in R^4), 30 noisy points each, shuffled."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.cat([torch.eye(4), -torch.eye(4)])  # (8, 4)
+    true = torch.stack([centres, centres[torch.randperm(8, generator=generator)]])  # (M=2, 8, 4)
+    labels = torch.randint(0, 8, (240, 2), generator=generator)  # (N, M)
+    points = true[torch.arange(2), labels] + 0.05 * torch.randn(240, 2, 4, generator=generator)  # (N, M, 4)
+    quantizer = ProductQuantizer(dim=8, num_codebooks=2, codebook_size=8)
+    quantizer.init_codebooks_from_embeddings_(points.reshape(240, 8) * 7.0, seed=3)  # scale is irrelevant
+
+    codebooks = quantizer.codebooks.detach()
+    norms = codebooks.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    for m in range(2):
+        match = (codebooks[m] @ true[m].T).max(dim=1)  # nearest true centre of every codeword
+        assert (match.values > 0.99).all()
+        assert sorted(match.indices.tolist()) == list(range(8))  # one codeword per cluster
+    again = ProductQuantizer(dim=8, num_codebooks=2, codebook_size=8)
+    again.init_codebooks_from_embeddings_(points.reshape(240, 8) * 7.0, seed=3)
+    assert torch.equal(again.codebooks, quantizer.codebooks)  # seeded and deterministic
+    again.init_codebooks_from_embeddings_(points.reshape(240, 8), seed=3)
+    torch.testing.assert_close(again.codebooks, quantizer.codebooks, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="at least K=8"):
+        again.init_codebooks_from_embeddings_(torch.randn(7, 8))
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        again.init_codebooks_from_embeddings_(torch.randn(20, 6))
+
+
+def test_kmeans_initialisation_fits_projected_fashion_mnist_better_than_random():
+    """Embeddings of 400 real Fashion-MNIST images (tiny random backbone, 32 px): after k-means every
+    codeword serves some images and sub-vectors lie closer to their codewords than with random ones."""
+    import warnings
+
+    from real_data import require_fashion_mnist
+
+    from mecoq_hf import MeCoQConfig, MeCoQModel
+    from mecoq_hf.data.sources import load_fashion_mnist
+    from mecoq_hf.data.transforms import build_eval_transform
+
+    require_fashion_mnist()
+    torch.manual_seed(0)
+    config = MeCoQConfig(
+        backbone="test_efficientnet",
+        backbone_weights=None,
+        image_size=32,
+        embedding_dim=16,
+        num_codebooks=2,
+        codebook_size=16,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MeCoQModel(config).eval()
+    transform = build_eval_transform(model.backbone.data_config, image_size=32)
+    images = torch.stack([transform(row["image"]) for row in load_fashion_mnist("train", limit=400)])
+    with torch.no_grad():
+        embeddings = model.embed(images)  # (400, 16)
+    subvectors = F.normalize(embeddings.reshape(400, 2, 8), dim=-1)  # (N, M, D)
+
+    def fit(codebooks: torch.Tensor) -> tuple[float, int]:
+        cosines = torch.einsum("nmd,mkd->nmk", subvectors, codebooks)  # (N, M, K)
+        best = cosines.max(dim=-1)
+        used = min(len(best.indices[:, m].unique()) for m in range(2))
+        return best.values.mean().item(), used
+
+    random_fit, random_used = fit(model.codebooks().detach())
+    model.quantizer.init_codebooks_from_embeddings_(embeddings, seed=0)
+    kmeans_fit, kmeans_used = fit(model.codebooks().detach())
+    assert kmeans_used == 16 and kmeans_used > random_used
+    assert kmeans_fit > random_fit + 0.05

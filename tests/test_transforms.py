@@ -115,3 +115,56 @@ def test_eval_transform_is_the_saved_processors_transform(fmnist_test, tmp_path,
     timm_eval = timm.data.create_transform(**config, is_training=False)
     assert torch.equal(timm_eval(image.convert("RGB")), ours)
     assert ours.std() > 0.1  # a real image, not a constant
+
+
+def test_train_transform_runs_its_steps_in_the_recipes_order(fmnist_test, monkeypatch):
+    """Trace the torchvision operations the composed transform really executes on a real image, over 300
+    draws: crop -> flip -> colour jitter (p 0.7) -> grayscale (p 0.2) -> 3x3 blur (p 0.5) -> to tensor ->
+    normalise (docs/method.md §3.1), each optional step at its probability."""
+    import torchvision.transforms.functional as TF
+
+    steps = {
+        "resized_crop": "crop",
+        "hflip": "flip",
+        "adjust_brightness": "jitter",
+        "adjust_contrast": "jitter",
+        "adjust_saturation": "jitter",
+        "adjust_hue": "jitter",
+        "rgb_to_grayscale": "grayscale",
+        "gaussian_blur": "blur",
+        "to_tensor": "to_tensor",
+        "normalize": "normalize",
+    }
+    trace: list[tuple[str, object]] = []
+
+    def traced(name: str, original):
+        def run(image, *args, **kwargs):
+            size = image.size if isinstance(image, PIL.Image.Image) else tuple(image.shape)
+            trace.append((steps[name], (size, args[:1])))
+            return original(image, *args, **kwargs)
+
+        return run
+
+    for name in steps:
+        monkeypatch.setattr(TF, name, traced(name, getattr(TF, name)))
+    order = ["crop", "flip", "jitter", "grayscale", "blur", "to_tensor", "normalize"]
+    transform = build_train_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    image = fmnist_test[0]["image"]
+    counts = dict.fromkeys(order, 0)
+    torch.manual_seed(0)
+    for _ in range(300):
+        trace.clear()
+        view = transform(image)
+        executed = [step for i, (step, _) in enumerate(trace) if i == 0 or trace[i - 1][0] != step]
+        assert executed == [step for step in order if step in executed], executed  # recipe order
+        assert executed[0] == "crop" and executed[-2:] == ["to_tensor", "normalize"]
+        for step in executed:
+            counts[step] += 1
+        for step, (size, args) in trace:
+            if step == "blur":
+                assert size == (32, 32) and list(args[0]) == [3, 3]  # after the crop, a 3x3 kernel
+        assert view.shape == (3, 32, 32)
+    expected = {"flip": 0.5, "jitter": 0.7, "grayscale": 0.2, "blur": 0.5}
+    for step, probability in expected.items():
+        assert counts[step] / 300 == pytest.approx(probability, abs=0.1), (step, counts[step])
+    assert counts["crop"] == counts["to_tensor"] == counts["normalize"] == 300

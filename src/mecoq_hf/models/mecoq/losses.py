@@ -6,6 +6,9 @@ Both forms of the contrastive loss are here:
   anchor view;
 - `broadcast`: what the reference code computes (docs/method.md §4.2): the (2B, 1) positive term and the (2B,)
   negative sum broadcast to a (2B, 2B) matrix whose mean is the loss. Kept for parity with its numbers.
+
+Every loss computes in float32, or in the inputs' dtype when it is wider (float64 for gradient checks), with
+autocast disabled: under `torch.autocast` a bf16 similarity matrix moves the loss and its gradients.
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ def debiased_contrastive_loss(
         normalize_memory: L2-normalise memory vectors (the reference code leaves them raw).
 
     Returns:
-        Scalar loss (float32).
+        Scalar loss (float32, or float64 for float64 inputs).
     """
     if view_1.shape != view_2.shape or view_1.ndim != 2:
         raise ValueError(
-            f"Both views must have the same shape (B, d), got {tuple(view_1.shape)} and {tuple(view_2.shape)}."
+            f"Both views must have the same shape (B, d), got {tuple(view_1.shape)} and "
+            f"{tuple(view_2.shape)}."
         )
     if reduction not in ("per_anchor", "broadcast"):
         raise ValueError(f"reduction must be 'per_anchor' or 'broadcast', got {reduction!r}.")
@@ -70,7 +74,28 @@ def debiased_contrastive_loss(
             f"The contrastive loss needs at least 2 images per batch for negatives, got {batch}."
         )
 
-    anchors = F.normalize(torch.cat([view_1, view_2]).float(), dim=-1)  # (2B, d), global L2 normalisation
+    with torch.autocast(device_type=view_1.device.type, enabled=False):
+        return _contrastive_loss(
+            view_1, view_2, memory, temperature, pos_prior, debias, reduction, count_memory, floor,
+            normalize_memory,
+        )  # fmt: skip
+
+
+def _contrastive_loss(
+    view_1: torch.Tensor,
+    view_2: torch.Tensor,
+    memory: torch.Tensor | None,
+    temperature: float,
+    pos_prior: float,
+    debias: bool,
+    reduction: str,
+    count_memory: bool,
+    floor: str,
+    normalize_memory: bool,
+) -> torch.Tensor:
+    batch = view_1.shape[0]
+    dtype = _loss_dtype(view_1)
+    anchors = F.normalize(torch.cat([view_1, view_2]).to(dtype), dim=-1)  # (2B, d), global L2 normalisation
     similarities = anchors @ anchors.T  # (2B, 2B)
     positive_index = torch.arange(2 * batch, device=anchors.device).roll(batch)  # i <-> i + B
     positives = similarities.gather(1, positive_index[:, None]).squeeze(1)  # (2B,)
@@ -82,7 +107,7 @@ def debiased_contrastive_loss(
     positive_exp = torch.exp(positives / temperature)  # (2B,)
     negative_sum = (torch.exp(similarities / temperature) * negative_mask).sum(dim=1)  # (2B,)
     if memory is not None and memory.shape[0] > 0:
-        memory = memory.float()
+        memory = memory.to(dtype)
         if normalize_memory:
             memory = F.normalize(memory, dim=-1)
         negative_sum = negative_sum + torch.exp(anchors @ memory.T / temperature).sum(dim=1)  # (2B,)
@@ -115,8 +140,9 @@ def codeword_diversity(codebooks: torch.Tensor) -> torch.Tensor:
     of a codebook coincide and near 0 for spread-out codewords.
     """
     num_codebooks, codebook_size, _ = codebooks.shape
-    codeword_sums = codebooks.float().sum(dim=1)  # (M, D)
-    return codeword_sums.pow(2).sum() / (num_codebooks * codebook_size**2)
+    with torch.autocast(device_type=codebooks.device.type, enabled=False):
+        codeword_sums = codebooks.to(_loss_dtype(codebooks)).sum(dim=1)  # (M, D)
+        return codeword_sums.pow(2).sum() / (num_codebooks * codebook_size**2)
 
 
 def assignment_entropy(assignments: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -125,8 +151,14 @@ def assignment_entropy(assignments: torch.Tensor, eps: float = 1e-12) -> torch.T
     Args:
         assignments: (B, M, K) probabilities summing to one over K.
     """
-    probabilities = assignments.float()
-    return -(probabilities * torch.log(probabilities + eps)).sum(dim=-1).mean()
+    with torch.autocast(device_type=assignments.device.type, enabled=False):
+        probabilities = assignments.to(_loss_dtype(assignments))
+        return -(probabilities * torch.log(probabilities + eps)).sum(dim=-1).mean()
+
+
+def _loss_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32, or the tensor's dtype when it is wider (float64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 __all__ = ["LossBreakdown", "assignment_entropy", "codeword_diversity", "debiased_contrastive_loss"]

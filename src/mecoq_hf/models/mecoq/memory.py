@@ -52,31 +52,51 @@ class CodeMemory(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, assignments: torch.Tensor, advance: int | None = None) -> None:
-        """Write a block of soft codes at the pointer, overwriting the oldest entries.
+        """Write a block of soft codes at the pointer, overwriting the oldest entries (first in, first out).
+
+        The block takes the slots pointer, pointer + 1, ... (modulo the size), in order. A block larger than
+        the memory keeps only its newest `size` entries, and the pointer ends on the oldest of them, so the
+        next write replaces the oldest entry (size 3: enqueue 0..4 then 9 keeps [3, 4, 9]). This happens
+        under DDP, where the gathered block is world_size x batch.
 
         Args:
             assignments: (B, M, K) soft codes; detached and stored in the buffer's dtype.
-            advance: how far the pointer moves (defaults to B). The reference code always advances by the
-                nominal batch size, also after a smaller last batch (docs/method.md §5); pass that size for parity.
+            advance: the nominal block size, >= B (defaults to B). The pointer then moves by `advance`, and
+                the `advance - B` slots after a short block are skipped: they keep their older codes until the
+                pointer comes round again, as after the reference code's smaller last batch (docs/method.md
+                §5), and blocks stay aligned to multiples of `advance`. A nominal block larger than the
+                memory cannot be aligned: the pointer then moves by B, the plain FIFO rule.
+
+        Raises:
+            ValueError: when the codes do not have shape (B, M, K), or `advance` < B.
         """
-        if self.size == 0:
-            return
         if assignments.ndim != 3 or assignments.shape[1:] != self.codes.shape[1:]:
             raise ValueError(
                 f"Soft codes must have shape (B, {self.codes.shape[1]}, {self.codes.shape[2]}), "
                 f"got {tuple(assignments.shape)}."
             )
-        block = assignments.detach()[-self.size :]  # only the newest `size` entries can survive
-        slots = (self.pointer + torch.arange(block.shape[0], device=self.codes.device)) % self.size
-        self.codes[slots] = block.to(self.codes.dtype)
+        block_size = assignments.shape[0]
+        if advance is not None and advance < block_size:
+            raise ValueError(
+                f"advance (the nominal block size) must be >= the block size, got advance={advance} for a "
+                f"block of {block_size} soft codes. Pass the nominal batch (x processes), or None."
+            )
+        if self.size == 0:
+            return
+        kept = min(block_size, self.size)
+        # Block entry i belongs at slot (pointer + i) % size; only the newest `kept` entries can survive.
+        offsets = torch.arange(block_size - kept, block_size, device=self.codes.device)  # (kept,)
+        slots = (self.pointer + offsets) % self.size  # (kept,), distinct
+        self.codes[slots] = assignments.detach()[block_size - kept :].to(self.codes)
         self.filled[slots] = True
-        step = assignments.shape[0] if advance is None else advance
+        step = block_size if advance is None or advance > self.size else advance
         self.pointer.copy_((self.pointer + step) % self.size)
 
     def soft_codes(self) -> torch.Tensor:
         """(n, M, K) the filled entries (n <= N_M), in slot order.
 
-        The model turns them into negatives with the *current* codebooks (`ProductQuantizer.reconstruct_soft`).
+        The model turns them into negatives with the *current* codebooks
+        (`ProductQuantizer.reconstruct_soft`).
         """
         return self.codes[self.filled]
 

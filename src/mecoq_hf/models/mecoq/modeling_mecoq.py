@@ -27,7 +27,7 @@ from .file_access import apply_umask, check_readable
 from .image_processing_mecoq import MeCoQImageProcessor
 from .losses import LossBreakdown, assignment_entropy, codeword_diversity, debiased_contrastive_loss
 from .memory import CodeMemory
-from .quantization import CODEBOOKS_FILE, ProductQuantizer, save_codebooks
+from .quantization import CODEBOOKS_FILE, ProductQuantizer, random_unit_codebooks, save_codebooks
 from .weights_checksum import add_weights_checksum, verify_weights_checksum
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,7 +37,8 @@ WEIGHTS_FILE = "model.safetensors"
 class MeCoQModelOutput(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned with two views):
-        Total training loss: contrastive + entropy_weight * entropy + codeword_reg_weight * codeword_diversity.
+        Total training loss: contrastive + entropy_weight * entropy
+        + codeword_reg_weight * codeword_diversity.
     contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Debiased contrastive loss between the soft reconstructions of the two views (and memory negatives).
     entropy (`torch.FloatTensor` of shape `()`, *optional*):
@@ -87,14 +88,16 @@ class MeCoQPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise only the modules MeCoQ owns; the timm backbone keeps its own (or loaded) weights."""
         if isinstance(module, ProductQuantizer):
-            # Xavier-uniform on (M, K, D); codewords are L2-normalised whenever they are used (docs/method.md §2.3).
-            init.xavier_uniform_(module.codebooks)
+            # Xavier-uniform directions on (M, K, D) at unit norm (docs/method.md §2.3); `init.copy_` leaves
+            # codebooks loaded from a checkpoint untouched.
+            init.copy_(module.codebooks, random_unit_codebooks(module.codebooks))
         elif isinstance(module, CodeMemory):
             init.zeros_(module.codes)
             init.zeros_(module.filled)
             init.zeros_(module.pointer)
         elif isinstance(module, nn.Linear) and module is getattr(self, "projection", None):
-            # PyTorch's default Linear initialisation, as in the reference transform layer (docs/method.md §2.2).
+            # PyTorch's default Linear initialisation, as in the reference transform layer
+            # (docs/method.md §2.2).
             init.kaiming_uniform_(module.weight, a=5**0.5)
             bound = 1 / module.in_features**0.5
             init.uniform_(module.bias, -bound, bound)
@@ -103,8 +106,14 @@ class MeCoQPreTrainedModel(PreTrainedModel):
 class MeCoQModel(MeCoQPreTrainedModel):
     """MeCoQ: a timm backbone, a linear projection to `embedding_dim`, a product quantizer and a code memory.
 
-    - `forward(pixel_values, pixel_values_2)` with two augmented views returns the training loss and its terms.
-    - `embed` gives query embeddings for asymmetric search, `encode` hard codes for the index, `decode` vectors.
+    - `forward(pixel_values, pixel_values_2)` with two augmented views returns the training loss and its
+      terms.
+    - `embed` gives query embeddings for asymmetric search, `encode` hard codes for the index, `decode`
+      vectors.
+    - Mixed precision: the backbone follows the ambient `torch.autocast`; the projection, the quantizer and
+      the loss always run in float32 with autocast disabled (bf16 matmuls there flip hard codes and distort
+      the loss and its gradients).
+    - With trainable codebooks, call `renormalize_codebooks_()` after every optimizer step.
 
     Example:
 
@@ -157,8 +166,16 @@ class MeCoQModel(MeCoQPreTrainedModel):
     # inference
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, d) projected embeddings z (the query side of asymmetric search)."""
-        return self.projection(self.backbone(pixel_values))
+        """(B, 3, H, W) images -> (B, d) projected embeddings z (the query side of asymmetric search).
+
+        The backbone runs under the ambient autocast, the projection in the model's precision (float32).
+        """
+        return self.project(self.backbone(pixel_values))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) backbone features -> (B, d) embeddings z, in the projection's dtype, autocast disabled."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.projection(features.to(self.projection.weight.dtype))
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -173,6 +190,12 @@ class MeCoQModel(MeCoQPreTrainedModel):
     def codebooks(self) -> torch.Tensor:
         """(M, K, D) the L2-normalised codebooks, as used for encoding and search."""
         return self.quantizer.normalized_codebooks()
+
+    @torch.no_grad()
+    def renormalize_codebooks_(self) -> None:
+        """Rescale every stored codeword to unit norm in place; the training loop calls it after every
+        optimizer step (docs/method.md §2.3, §6). Directions, hence codes and outputs, are unchanged."""
+        self.quantizer.renormalize_codebooks_()
 
     # training
 
@@ -193,8 +216,11 @@ class MeCoQModel(MeCoQPreTrainedModel):
             use_memory: use the code memory's entries as extra negatives (the training loop turns this on
                 from `config.memory_start_epoch`). The memory is updated separately (`update_memory`).
             return_dict: return a `MeCoQModelOutput` (default) or a tuple.
-            features, features_2: (B, F) backbone features given instead of images. With a frozen backbone they
-                can be computed once and cached, which makes head training far cheaper on a CPU.
+            features, features_2: (B, F) backbone features given instead of images. With a frozen backbone
+                they can be computed once and cached, which makes head training far cheaper on a CPU.
+
+        Under `torch.autocast` only the backbone runs in reduced precision: the projection, the quantizer and
+        the loss run in float32 with autocast disabled, so outputs and the loss are float32.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         features = self._features(pixel_values, features, "pixel_values", "features")
@@ -204,10 +230,11 @@ class MeCoQModel(MeCoQPreTrainedModel):
         )
         if features_2 is not None and features_2.shape != features.shape:
             raise ValueError(
-                f"Both views must have the same shape, got {tuple(features.shape)} and {tuple(features_2.shape)} "
-                "after the backbone. Pass two views of the same images at the same resolution."
+                f"Both views must have the same shape, got {tuple(features.shape)} and "
+                f"{tuple(features_2.shape)} after the backbone. Pass two views of the same images at the "
+                "same resolution."
             )
-        embeddings = self.projection(features)  # (B, d)
+        embeddings = self.project(features)  # (B, d)
         soft = self.quantizer(embeddings)
         output = MeCoQModelOutput(
             embeddings=embeddings,
@@ -216,7 +243,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
             codes=soft.codes,
         )
         if features_2 is not None:
-            soft_2 = self.quantizer(self.projection(features_2))
+            soft_2 = self.quantizer(self.project(features_2))
             losses = self.loss(
                 soft.reconstruction, soft_2.reconstruction, soft.assignments, soft_2.assignments, use_memory
             )
@@ -227,15 +254,15 @@ class MeCoQModel(MeCoQPreTrainedModel):
     def _features(
         self, pixel_values: torch.Tensor | None, features: torch.Tensor | None, image_name: str, name: str
     ):
-        """(B, F) backbone features from images, or the given precomputed features (exactly one of the two)."""
+        """(B, F) backbone features from images, or the given precomputed features (exactly one of both)."""
         if (pixel_values is None) == (features is None):
             raise ValueError(f"Pass exactly one of `{image_name}` (images) and `{name}` (backbone features).")
         if features is None:
             return self.backbone(pixel_values)
         if features.ndim != 2 or features.shape[1] != self.backbone.num_features:
             raise ValueError(
-                f"`{name}` must have shape (B, {self.backbone.num_features}) (the backbone's pooled features), "
-                f"got {tuple(features.shape)}."
+                f"`{name}` must have shape (B, {self.backbone.num_features}) (the backbone's pooled "
+                f"features), got {tuple(features.shape)}."
             )
         return features
 
@@ -247,7 +274,21 @@ class MeCoQModel(MeCoQPreTrainedModel):
         assignments_2: torch.Tensor,
         use_memory: bool = False,
     ) -> LossBreakdown:
-        """MeCoQ objective (docs/method.md §4): contrastive + lambda * entropy + gamma * codeword diversity."""
+        """MeCoQ objective (docs/method.md §4): contrastive + lambda * entropy + gamma * codeword diversity.
+
+        Computed in float32 (or the inputs' wider dtype) with autocast disabled.
+        """
+        with torch.autocast(device_type=quantized.device.type, enabled=False):
+            return self._loss(quantized, quantized_2, assignments, assignments_2, use_memory)
+
+    def _loss(
+        self,
+        quantized: torch.Tensor,
+        quantized_2: torch.Tensor,
+        assignments: torch.Tensor,
+        assignments_2: torch.Tensor,
+        use_memory: bool,
+    ) -> LossBreakdown:
         config = self.config
         memory_vectors = None
         if use_memory and self.memory.num_filled > 0:
@@ -273,7 +314,9 @@ class MeCoQModel(MeCoQPreTrainedModel):
     def update_memory(self, *assignments: torch.Tensor, advance: int | None = None) -> None:
         """Enqueue soft codes (B, M, K), view by view, after the optimizer step (docs/method.md §5).
 
-        Under DDP pass codes gathered from all processes so that every rank keeps the same memory.
+        Under DDP pass codes gathered from all processes so that every rank keeps the same memory; a block
+        larger than the memory keeps its newest entries. `advance` is the nominal block size of
+        `CodeMemory.enqueue` (the reference code's pointer rule), applied to every view.
         """
         for block in assignments:
             self.memory.enqueue(block, advance=advance)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .file_access import check_readable, write_atomic
+from .kmeans import spherical_kmeans
 
 CODEBOOKS_FILE = "codebooks.safetensors"
 CODEBOOKS_FORMAT = "mecoq-codebooks"
@@ -80,8 +81,15 @@ class ProductQuantizer(nn.Module):
         trainable: whether the codebooks receive gradients. The reference code never trains them
             (docs/method.md §2.3); the paper describes trainable codebooks.
 
-    Codewords are always used L2-normalised (`normalized_codebooks`), which reproduces the reference code's
-    in-place re-normalisation at every step while keeping the normalisation differentiable when trainable.
+    The stored codewords have unit norm: initialisation normalises them, and the training loop calls
+    `renormalize_codebooks_` after every optimizer step, as the reference code does at every step. Keeping
+    the norm at 1 matters for trainable codebooks: the forward pass uses `normalized_codebooks`, so a gradient
+    step turns a codeword of norm r by about lr * |grad| / r^2 radians, and raw Xavier norms (~0.05-0.4) would
+    give each codeword its own, drifting learning rate. The normalisation in the forward pass stays (it keeps
+    the gradient tangent to the sphere and makes older checkpoints with raw codewords encode unchanged).
+
+    The quantizer computes in the codebooks' precision (float32) with autocast disabled, also when called
+    under `torch.autocast`: bf16 similarities flip hard codes and distort the loss (docs/method.md §2.4).
 
     Example:
         >>> pq = ProductQuantizer(dim=64, num_codebooks=4, codebook_size=256)
@@ -113,7 +121,7 @@ class ProductQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.subvector_dim = dim // num_codebooks
         self.softmax_scale = softmax_scale
-        # (M, K, D); values are set by `reset_parameters` (also called by the model's `_init_weights`).
+        # (M, K, D); values are set by `reset_parameters` (the model's `_init_weights` uses the same draw).
         self.codebooks = nn.Parameter(
             torch.empty(num_codebooks, codebook_size, self.subvector_dim), requires_grad=trainable
         )
@@ -126,7 +134,15 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Xavier-uniform on the (M, K, D) tensor, then unit-normalise each codeword (docs/method.md §2.3)."""
-        nn.init.xavier_uniform_(self.codebooks)
+        self.codebooks.copy_(random_unit_codebooks(self.codebooks))
+
+    @torch.no_grad()
+    def renormalize_codebooks_(self) -> None:
+        """Rescale every stored codeword to unit L2 norm, in place (directions unchanged).
+
+        Call it after every optimizer step that updates trainable codebooks: the reference code
+        re-normalises the codebook parameter at every step (docs/method.md §2.3, §6).
+        """
         self.codebooks.copy_(F.normalize(self.codebooks, dim=-1))
 
     def normalized_codebooks(self) -> torch.Tensor:
@@ -135,28 +151,34 @@ class ProductQuantizer(nn.Module):
 
     def cosine_similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, M, K) cosine similarity of each intra-normalised sub-vector to each codeword."""
-        subvectors = F.normalize(split_subvectors(embeddings, self.num_codebooks), dim=-1)  # (B, M, D)
-        codebooks = self.normalized_codebooks().to(subvectors.dtype)  # (M, K, D)
-        return torch.einsum("bmd,mkd->bmk", subvectors, codebooks)
+        with _autocast_disabled(embeddings):
+            dtype = torch.promote_types(embeddings.dtype, self.codebooks.dtype)
+            subvectors = F.normalize(split_subvectors(embeddings.to(dtype), self.num_codebooks), dim=-1)
+            codebooks = self.normalized_codebooks().to(dtype)  # (M, K, D)
+            return torch.einsum("bmd,mkd->bmk", subvectors, codebooks)  # (B, M, K)
 
     def forward(self, embeddings: torch.Tensor) -> SoftQuantization:
-        """Soft quantization (docs/method.md §2.4): p = softmax(alpha * cos), reconstruction = sum_k p_k c_k."""
-        similarities = self.cosine_similarities(embeddings)  # (B, M, K)
-        assignments = torch.softmax(self.softmax_scale * similarities, dim=-1)  # (B, M, K)
-        reconstruction = self.reconstruct_soft(assignments)  # (B, d)
+        """Soft quantization (docs/method.md §2.4): p = softmax(alpha * cos), reconstruction sum_k p_k c_k."""
+        with _autocast_disabled(embeddings):
+            similarities = self.cosine_similarities(embeddings)  # (B, M, K)
+            assignments = torch.softmax(self.softmax_scale * similarities, dim=-1)  # (B, M, K)
+            reconstruction = self.reconstruct_soft(assignments)  # (B, d)
         codes = similarities.argmax(dim=-1).to(code_dtype(self.codebook_size))  # (B, M)
         return SoftQuantization(reconstruction, assignments, codes)
 
     def reconstruct_soft(self, assignments: torch.Tensor) -> torch.Tensor:
         """(B, M, K) soft codes -> (B, d) concatenated convex combinations of the current codewords."""
-        codebooks = self.normalized_codebooks().to(assignments.dtype)  # (M, K, D)
-        subvectors = torch.einsum("bmk,mkd->bmd", assignments, codebooks)  # (B, M, D)
+        with _autocast_disabled(assignments):
+            dtype = torch.promote_types(assignments.dtype, self.codebooks.dtype)
+            codebooks = self.normalized_codebooks().to(dtype)  # (M, K, D)
+            subvectors = torch.einsum("bmk,mkd->bmd", assignments.to(dtype), codebooks)  # (B, M, D)
         return subvectors.reshape(assignments.shape[0], self.dim)
 
     @torch.no_grad()
     def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, M) hard codes, argmax_k <z^m, c_k^m> (docs/method.md §2.5)."""
-        return hard_codes(embeddings, self.normalized_codebooks())
+        with _autocast_disabled(embeddings):
+            return hard_codes(embeddings, self.normalized_codebooks())
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -166,13 +188,65 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def lookup_tables(self, queries: torch.Tensor, normalize_query_subvectors: bool = False) -> torch.Tensor:
         """(Q, d) query embeddings -> (Q, M, K) inner products with every codeword (asymmetric search)."""
-        return lookup_tables(queries, self.normalized_codebooks(), normalize_query_subvectors)
+        with _autocast_disabled(queries):
+            return lookup_tables(queries, self.normalized_codebooks(), normalize_query_subvectors)
+
+    @torch.no_grad()
+    def init_codebooks_from_embeddings_(
+        self, embeddings: torch.Tensor, iterations: int = 30, seed: int = 0
+    ) -> None:
+        """Set each codebook to the spherical k-means centroids of its unit sub-vectors, in place.
+
+        An optional alternative to the random initialisation (not in the paper or the reference code): with
+        codewords that already cover the projected training data, fewer codewords start unused.
+
+        Args:
+            embeddings: (N, d) projected embeddings z of training images, N >= K.
+            iterations: at most this many assignment/update rounds per sub-space.
+            seed: seed of the k-means++ seeding; the same inputs and seed give the same codebooks on a CPU.
+
+        Raises:
+            ValueError: when `embeddings` is not (N, d) or N < K.
+        """
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(
+                f"Embeddings must have shape (N, {self.dim}) (the projected embeddings z), "
+                f"got {tuple(embeddings.shape)}."
+            )
+        if embeddings.shape[0] < self.codebook_size:
+            raise ValueError(
+                f"k-means needs at least K={self.codebook_size} embeddings to place {self.codebook_size} "
+                f"codewords, got {embeddings.shape[0]}. Encode more training images."
+            )
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        subvectors = split_subvectors(embeddings.detach().float().cpu(), self.num_codebooks)  # (N, M, D)
+        centroids = [
+            spherical_kmeans(subvectors[:, m], self.codebook_size, iterations, generator)
+            for m in range(self.num_codebooks)
+        ]
+        self.codebooks.copy_(torch.stack(centroids).to(self.codebooks))  # (M, K, D)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
             f"softmax_scale={self.softmax_scale}, trainable={self.trainable}"
         )
+
+
+def random_unit_codebooks(like: torch.Tensor) -> torch.Tensor:
+    """A fresh Xavier-uniform draw shaped like `like` (M, K, D), each codeword scaled to unit norm.
+
+    Xavier uses PyTorch's fan rules on the 3-D tensor, as the reference code does; only the directions
+    matter since the codewords are normalised (docs/method.md §2.3).
+    """
+    draw = torch.empty_like(like)
+    nn.init.xavier_uniform_(draw)
+    return F.normalize(draw, dim=-1)
+
+
+def _autocast_disabled(tensor: torch.Tensor) -> torch.autocast:
+    """A context without autocast on `tensor`'s device type, so matmuls run in the inputs' dtype."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 # scoring helpers (plain functions of tensors; used by evaluation and the index)
