@@ -10,7 +10,7 @@ does the same for a normal-form image dataset (`data.py`) with the model's evalu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -181,6 +181,24 @@ def encode_images(
 
 
 @torch.no_grad()
+def embed_images(model: Any, images: Sequence[Any]) -> torch.Tensor:
+    """(n, d) query embeddings (`model.embed`) of a few PIL images, through the model's evaluation transform.
+
+    For a handful of query images; `encode_images` runs a whole dataset in batches. The model runs in eval
+    mode (its mode is restored afterwards) on its own device; the embeddings come back on the CPU.
+    """
+    from .data.transforms import build_eval_transform
+
+    transform = build_eval_transform(model.backbone.data_config)
+    pixel_values = torch.stack([transform(image) for image in images])  # (n, 3, H, W)
+    was_training = model.training
+    model.eval()
+    try:
+        return model.embed(pixel_values.to(_model_device(model))).cpu()
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def embed_features(model: Any, features: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
     """Embeddings (N, d) of backbone features (N, F) by `model.projection`, `chunk_size` rows at a time.
@@ -234,6 +252,7 @@ __all__ = [
     "ENCODED_FORMAT",
     "EncodedDataset",
     "embed_features",
+    "embed_images",
     "encode_dataset",
     "encode_images",
     "quantize_embeddings",

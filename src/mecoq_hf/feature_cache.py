@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,7 @@ def compute_features(
     transform: Callable[[Any], torch.Tensor],
     *,
     batch_size: int = 128,
+    num_workers: int = 0,
     accelerator: Accelerator | None = None,
     train_mode: bool = False,
     show_progress_bar: bool = True,
@@ -72,6 +73,7 @@ def compute_features(
         backbone: a `TimmBackbone` (or any module mapping (B, 3, H, W) to (B, F)).
         dataset: images in the package's normal form (an `image` column).
         transform: image -> (3, H, W) tensor (the eval transform, or one random view of the training recipe).
+        batch_size, num_workers: of the DataLoader.
         accelerator: split the work over processes; every process gets the full result.
         train_mode: run the backbone in training mode (dropout on) as during training.
         cache_dir: keep the result on disk and reuse it (see the module docstring); the eval transform is
@@ -79,13 +81,42 @@ def compute_features(
     """
 
     def compute() -> EncodedDataset:
-        loader = make_eval_dataloader(dataset, transform, batch_size)
+        loader = make_eval_dataloader(dataset, transform, batch_size, num_workers)
         encoder = _BackboneAsEncoder(backbone, keep_train_mode=train_mode)
         return encode_dataset(
             encoder, loader, accelerator, method="embed", show_progress_bar=show_progress_bar
         )
 
     return _cached(cache_dir, "features", backbone, dataset, {"train_mode": train_mode}, compute)
+
+
+def compute_eval_features(
+    backbone: nn.Module,
+    splits: Sequence[Dataset],
+    *,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    accelerator: Accelerator | None = None,
+    show_progress_bar: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[EncodedDataset]:
+    """`compute_features` of each split through the backbone's evaluation transform, the features that
+    evaluation scores (training's validation, `mecoq evaluate`, the PQ baseline), in the order given.
+
+    Args:
+        backbone: a `TimmBackbone` (its `data_config` gives the transform, `transforms.build_eval_transform`).
+        splits: datasets in the package's normal form.
+        batch_size, num_workers, accelerator, show_progress_bar, cache_dir: as in `compute_features`; with
+            the same `cache_dir`, every caller finds the features the others computed.
+    """
+    from .data.transforms import build_eval_transform
+
+    transform = build_eval_transform(backbone.data_config)
+    return [
+        compute_features(backbone, split, transform, batch_size=batch_size, num_workers=num_workers,
+                         accelerator=accelerator, show_progress_bar=show_progress_bar, cache_dir=cache_dir)
+        for split in splits
+    ]  # fmt: skip
 
 
 def compute_view_features(
@@ -194,4 +225,4 @@ class CachedViewPairs(torch.utils.data.Dataset):
         return {"features": self.view_features[index, first], "features_2": self.view_features[index, second]}
 
 
-__all__ = ["CachedViewPairs", "compute_features", "compute_view_features"]
+__all__ = ["CachedViewPairs", "compute_eval_features", "compute_features", "compute_view_features"]

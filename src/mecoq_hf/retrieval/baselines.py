@@ -12,7 +12,7 @@ features, so that the only difference is how the codes are learned:
 
 Every method is a small class with `fit(train_features)`, `encode(features) -> codes` and
 `scores(query_features, db_codes)`, which returns a lazy (Q, N) score matrix (higher = more similar) accepted
-by every metric of `mecoq_hf.evaluation` (`mean_average_precision`, `precision_recall_curve`, ...). Ranking
+by every metric of `retrieval.metrics` (`mean_average_precision`, `precision_recall_curve`, ...). Ranking
 ties, frequent with Hamming similarities, are broken by database position there, as for MeCoQ's codes.
 
 All methods first L2-normalise the features (cosine geometry, as MeCoQ's intra-normalised sub-vectors);
@@ -22,27 +22,29 @@ only when PQ or OPQ is fitted.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .evaluation import CodeScores
+from .faiss_interop import import_faiss, pq_centroids
+from .scoring import SearchSettings
+
+if TYPE_CHECKING:
+    from .evaluation import RetrievalResult
 
 PQ_CODEBOOK_SIZE = 256  # 8-bit codes: one byte per sub-space, as MeCoQ with K = 256
 ITQ_ITERATIONS = 50
 
 
+# faiss IndexPQ's scoring: the inner product of the (unit) query with the decoded code, no sub-vector norm.
+INNER_PRODUCT = SearchSettings(distance="asymmetric", normalize_query_subvectors=False)
+
+
 # helpers
-
-
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as error:  # pragma: no cover - faiss-cpu is a dependency of the package
-        raise ImportError("The PQ and OPQ baselines need faiss: `pip install faiss-cpu`.") from error
-    return faiss
 
 
 def _check_features(features: Any, name: str, dim: int | None = None) -> torch.Tensor:
@@ -54,8 +56,8 @@ def _check_features(features: Any, name: str, dim: int | None = None) -> torch.T
     if features.ndim != 2 or (dim is not None and features.shape[1] != dim):
         expected = f"(N, {dim})" if dim is not None else "(N, F)"
         raise ValueError(
-            f"{name} must have shape {expected}, got {tuple(features.shape)}. Use features of the backbone the "
-            "baseline was fitted on."
+            f"{name} must have shape {expected}, got {tuple(features.shape)}. Use features of the backbone "
+            "the baseline was fitted on."
         )
     if not features.is_floating_point() or not torch.isfinite(features).all():
         raise ValueError(f"{name} must be finite floating-point values (dtype {features.dtype}).")
@@ -90,11 +92,11 @@ def unpack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(codes.numpy(), axis=1, count=bits).astype(bool))
 
 
-# lazy score matrices (the `ScoreMatrix` protocol of mecoq_hf.evaluation)
+# lazy score matrices (the `ScoreMatrix` protocol of retrieval.metrics)
 
 
 class CosineScores:
-    """Lazy (Q, N) cosine similarities of unit query and database vectors; `scores[i:j]` computes rows i..j."""
+    """Lazy (Q, N) cosines of unit query and database vectors; `scores[i:j]` computes rows i..j only."""
 
     def __init__(self, queries: torch.Tensor, database: torch.Tensor) -> None:
         self.queries, self.database = queries, database
@@ -114,8 +116,8 @@ class HammingScores:
         for name, codes in (("query_codes", query_codes), ("db_codes", db_codes)):
             if codes.dtype != torch.uint8 or codes.ndim != 2 or codes.shape[1] != bits // 8:
                 raise ValueError(
-                    f"{name} must be packed bits of shape (N, {bits // 8}) and dtype uint8 for {bits} bits, got "
-                    f"{tuple(codes.shape)} {codes.dtype}. Encode them with the same LSH / ITQ model."
+                    f"{name} must be packed bits of shape (N, {bits // 8}) and dtype uint8 for {bits} bits, "
+                    f"got {tuple(codes.shape)} {codes.dtype}. Encode them with the same LSH / ITQ model."
                 )
         self.bits = bits
         self.query_signs = unpack_bits(query_codes, bits).float() * 2 - 1  # (Q, bits) in {-1, +1}
@@ -278,12 +280,10 @@ class PQ:
         self.index: Any = None  # faiss.IndexPQ (trained, empty)
 
     @property
-    def codebooks(self) -> torch.Tensor:
-        """(M, 256, D) float32 codewords learned by faiss."""
-        faiss = _import_faiss()
+    def centroids(self) -> torch.Tensor:
+        """(M, 256, D) float32 k-means centroids learned by faiss, one codebook per sub-space (not unit)."""
         self._check_fitted()
-        centroids = faiss.vector_to_array(self.index.pq.centroids)
-        return torch.from_numpy(centroids).reshape(self.num_codebooks, PQ_CODEBOOK_SIZE, -1)
+        return pq_centroids(self.index.pq)
 
     def _check_fitted(self) -> None:
         if self.index is None:
@@ -293,8 +293,8 @@ class PQ:
         count, dim = features.shape
         if dim % self.num_codebooks:
             raise ValueError(
-                f"{self.bits} bits means M={self.num_codebooks} sub-spaces, which must divide the feature width "
-                f"{dim}. Choose bits so that {dim} is divisible by bits / 8."
+                f"{self.bits} bits means M={self.num_codebooks} sub-spaces, which must divide the feature "
+                f"width {dim}. Choose bits so that {dim} is divisible by bits / 8."
             )
         if count < PQ_CODEBOOK_SIZE:
             raise ValueError(
@@ -307,7 +307,7 @@ class PQ:
         return np.ascontiguousarray(_normalize(_check_features(features, name, self.index.d)).numpy())
 
     def fit(self, train_features: torch.Tensor) -> PQ:
-        faiss = _import_faiss()
+        faiss = import_faiss()
         features = _normalize(_check_features(train_features, "train_features"))
         self._check_trainable(features)
         self.index = self._train_pq(faiss, np.ascontiguousarray(features.numpy()))
@@ -330,11 +330,11 @@ class PQ:
 
     def scores(self, query_features: torch.Tensor, db_codes: torch.Tensor) -> CodeScores:
         """Asymmetric inner-product scores sum_m <q^m, c^m_{code_m}> as a lazy `CodeScores` matrix."""
-        return CodeScores(self.query_embeddings(query_features), db_codes, self.codebooks, "asymmetric")
+        return CodeScores(self.query_embeddings(query_features), db_codes, self.centroids, INNER_PRODUCT)
 
     def to_faiss(self, db_codes: torch.Tensor) -> Any:
         """A faiss `IndexPQ` holding these codebooks and `db_codes` (search with `query_embeddings`)."""
-        faiss = _import_faiss()
+        faiss = import_faiss()
         self._check_fitted()
         index = faiss.clone_index(self.index)  # trained and empty
         index.add_sa_codes(np.ascontiguousarray(db_codes.numpy().astype(np.uint8)))
@@ -367,13 +367,13 @@ class OPQ(PQ):
     @property
     def rotation_matrix(self) -> torch.Tensor:
         """(F, F) the learned orthogonal rotation (rotated = features @ matrix.T)."""
-        faiss = _import_faiss()
+        faiss = import_faiss()
         self._check_fitted()
         dim = self.rotation.d_in
         return torch.from_numpy(faiss.vector_to_array(self.rotation.A).reshape(dim, dim))
 
     def fit(self, train_features: torch.Tensor) -> OPQ:
-        faiss = _import_faiss()
+        faiss = import_faiss()
         features = _normalize(_check_features(train_features, "train_features"))
         self._check_trainable(features)
         self.rotation = faiss.OPQMatrix(features.shape[1], self.num_codebooks)
@@ -412,8 +412,8 @@ def evaluate_pq_baseline(
     batch_size: int = 128,
     pr_curve: bool = False,
     show_progress_bar: bool = True,
-    feature_cache_dir: Any = None,
-) -> Any:
+    feature_cache_dir: str | os.PathLike | None = None,
+) -> RetrievalResult:
     """mAP@top_k of faiss `PQ` with a model's number of codebooks, on its pretrained backbone's features.
 
     PQ (same M as the model, K = 256, asymmetric inner product on L2-normalised features) is fitted on the
@@ -434,36 +434,32 @@ def evaluate_pq_baseline(
     Returns:
         An `evaluation.RetrievalResult` whose `details` hold `num_train`, `feature_dim` and `method`.
     """
-    from ..data.transforms import build_eval_transform
-    from ..feature_cache import compute_features
+    from ..feature_cache import compute_eval_features
     from ..models.mecoq.modeling_mecoq import MeCoQModel
-    from .evaluation import RetrievalResult, mean_average_precision, precision_recall_curve
+    from .evaluation import RetrievalEvaluator, retrieval_result
 
+    evaluator = RetrievalEvaluator(splits["query"], splits["database"], top_k=top_k, batch_size=batch_size,
+                                   show_progress_bar=show_progress_bar)  # fmt: skip
     backbone = model.backbone
     if model.config.backbone_trainable != "frozen":  # fine-tuned: the baseline uses the pretrained weights
         backbone = MeCoQModel.for_training(model.config).backbone
     if accelerator is not None:
         backbone.to(accelerator.device)
-    transform = build_eval_transform(model.backbone.data_config)
-    features = {
-        name: compute_features(backbone, splits[name], transform, batch_size=batch_size, accelerator=accelerator,
-                               show_progress_bar=show_progress_bar, cache_dir=feature_cache_dir)
-        for name in ("train", "query", "database")
-    }  # fmt: skip
-    pq = PQ(bits=8 * model.config.num_codebooks).fit(features["train"].outputs)
-    scores = pq.scores(features["query"].outputs, pq.encode(features["database"].outputs))  # lazy (Q, N)
-    labels = (features["query"].labels, features["database"].labels)
+    (train,) = compute_eval_features(
+        backbone, [splits["train"]], batch_size=batch_size, accelerator=accelerator,
+        show_progress_bar=show_progress_bar, cache_dir=feature_cache_dir,
+    )  # fmt: skip
+    queries, database = evaluator.features(backbone, accelerator, cache_dir=feature_cache_dir)
+    pq = PQ(bits=8 * model.config.num_codebooks).fit(train.outputs)
+    scores = pq.scores(queries.outputs, pq.encode(database.outputs))  # lazy (Q, N)
     details = {
         "num_train": len(splits["train"]),
-        "feature_dim": int(features["train"].outputs.shape[1]),
+        "feature_dim": int(train.outputs.shape[1]),
         "method": f"faiss IndexPQ(M={pq.num_codebooks}, 8 bits, METRIC_INNER_PRODUCT) on L2-normalised "
         "frozen backbone features (mecoq_hf.retrieval.baselines.PQ), asymmetric search",
     }
-    return RetrievalResult(
-        mean_average_precision(scores, *labels, top_k),
-        precision_recall_curve(scores, *labels) if pr_curve else None,
-        details,
-    )
+    return retrieval_result(scores, queries.labels, database.labels, top_k=top_k, pr_curve=pr_curve,
+                            details=details)  # fmt: skip
 
 
 __all__ = [

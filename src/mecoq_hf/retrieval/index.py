@@ -1,11 +1,11 @@
 """A searchable index of MeCoQ product-quantization codes (M bytes per item for K = 256).
 
-`CodeIndex` keeps the hard codes (N, M), the codebooks (M, K, D) and int64 user ids, and answers top-k queries
-with asymmetric (query embedding vs. codewords, docs/method.md §7) or symmetric scores. It follows faiss' verbs
-(`add`, `search`, `ntotal`, `reconstruct`) and can export itself as a faiss `IndexPQ`. Files are safetensors
-with a format version and a checksum; an optional JSON sidecar next to the file (`save_sidecar`) records what
-the ids stand for (labels, image paths, the data source and the model). Ranking ties are broken by database
-position (lower first), as in `evaluation.py`; `encoding.encode_dataset` produces the codes from a dataloader.
+`CodeIndex` keeps the hard codes (N, M), the codewords (M, K, D), int64 user ids and the `SearchSettings`,
+and answers top-k queries through a search backend from `backends.BACKENDS` (the native torch scan, or faiss
+`IndexPQ`). It follows faiss' verbs (`add`, `search`, `ntotal`, `reconstruct`) and can export itself as a
+faiss `IndexPQ`. Files are safetensors with a format version and a checksum; `sidecar.IndexSidecar`
+describes what the ids stand for, and `image_index.ImageIndex` builds and searches both from a model and a
+dataset. The native backend breaks ranking ties by database position (lower first), as `evaluation.py` does.
 """
 
 from __future__ import annotations
@@ -13,26 +13,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..file_io import check_readable, read_json, write_atomic, write_json
+from ..file_io import check_readable, write_atomic
+from ..models.mecoq.configuration_mecoq import DISTANCES
 from ..models.mecoq.quantization import check_codebooks, check_codes, code_dtype, decode_codes, hard_codes
-from .scoring import DISTANCES, check_choice, check_query_embeddings, query_tables, scan_topk
+from .backends import IndexBackend, backend_class, check_backend_options
+from .faiss_interop import add_codes, import_faiss, index_pq
+from .scoring import SearchSettings, check_query_embeddings
 
 if TYPE_CHECKING:
     import faiss
 
 FORMAT_NAME = "mecoq-hf/code-index"
 FORMAT_VERSION = 1
-BACKENDS = ("native", "faiss")
 TENSOR_NAMES = ("codebooks", "codes", "ids")
 METADATA_KEYS = (
     "format",
@@ -44,8 +45,6 @@ METADATA_KEYS = (
     "distance",
     "normalize_query_subvectors",
 )
-SIDECAR_SUFFIX = ".meta.json"
-SIDECAR_FORMAT = "mecoq-hf/index-sidecar"
 
 
 class IndexFormatError(ValueError):
@@ -59,37 +58,25 @@ class SearchResult(NamedTuple):
     ids: torch.Tensor
 
 
-# validation helpers
-
-
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}.")
-
-
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as error:  # pragma: no cover - faiss-cpu is a dependency of the package
-        raise ImportError("The faiss backend needs faiss: `pip install faiss-cpu`.") from error
-    return faiss
 
 
 # the index
 
 
 class CodeIndex:
-    """Product-quantization codes with user ids, searchable by asymmetric or symmetric scores.
+    """Product-quantization codes with user ids, searched through a registered backend.
 
     Args:
-        codebooks: (M, K, D) codewords, normally `model.codebooks()`; a float32 CPU copy is kept.
-        distance: "asymmetric" (query embedding vs. codewords, the paper's default) or "symmetric" (the query
-            is hard-coded too; many ties).
-        normalize_query_subvectors: asymmetric only; unit-normalise each query sub-vector (the paper's
-            formula) instead of the raw query (the reference code). docs/method.md §10.
-        backend: default search backend, "native" (torch) or "faiss" (`IndexPQ`, asymmetric, K = 256 only).
-        query_batch_size, database_batch_size: search processes (query_batch_size x database_batch_size) score
-            blocks, so memory stays bounded whatever the index size.
+        codebooks: (M, K, D) codewords the codes refer to, normally `model.codebooks()`; a float32 CPU copy
+            is kept as `codewords`.
+        settings: how queries are scored (`SearchSettings`); None: `SearchSettings()`, `MeCoQConfig`'s
+            defaults. `CodeIndex.from_model` takes them from the model's config.
+        backend: default search backend, a key of `backends.BACKENDS`: "native" (torch scan) or "faiss"
+            (`IndexPQ`, asymmetric, K = 256 only).
+        **backend_options: options of that backend, e.g. `block_size=4096` for "native".
 
     Example:
         >>> index = CodeIndex(torch.nn.functional.normalize(torch.randn(4, 256, 16), dim=-1))
@@ -103,48 +90,56 @@ class CodeIndex:
         self,
         codebooks: torch.Tensor,
         *,
-        distance: str = "asymmetric",
-        normalize_query_subvectors: bool = False,
+        settings: SearchSettings | None = None,
         backend: str = "native",
-        query_batch_size: int = 256,
-        database_batch_size: int = 16384,
+        **backend_options: Any,
     ) -> None:
         check_codebooks(codebooks)
         if not codebooks.is_floating_point():
             raise ValueError(f"Codebooks must be floating point, got dtype {codebooks.dtype}.")
-        check_choice("distance", distance, DISTANCES)
-        check_choice("backend", backend, BACKENDS)
-        for name, size in (
-            ("query_batch_size", query_batch_size),
-            ("database_batch_size", database_batch_size),
-        ):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}.")
+        self._settings = settings or SearchSettings()
+        if not isinstance(self._settings, SearchSettings):
+            raise TypeError(f"settings must be a SearchSettings, got {type(settings).__name__}.")
+        check_backend_options(backend, backend_options)
         # A copy: the codebooks of a model that keeps training must not change the codes already indexed.
-        self.codebooks = codebooks.detach().to("cpu", torch.float32, copy=True).contiguous()  # (M, K, D)
-        self.distance = distance
-        self.normalize_query_subvectors = normalize_query_subvectors
-        self.backend = backend
-        self.query_batch_size = query_batch_size
-        self.database_batch_size = database_batch_size
-        num_codebooks, codebook_size, _ = self.codebooks.shape
+        self._codewords = codebooks.detach().to("cpu", torch.float32, copy=True).contiguous()  # (M, K, D)
+        backend_class(backend).check(self._codewords, self._settings)  # refuse early, build on first search
+        self.backend, self.backend_options = backend, dict(backend_options)
+        num_codebooks, codebook_size, _ = self._codewords.shape
         self._codes = torch.empty(0, num_codebooks, dtype=code_dtype(codebook_size))  # (N, M)
         self._ids = torch.empty(0, dtype=torch.int64)  # (N,)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # added but not yet concatenated
-        self._faiss_index: Any = None
+        self._backends: dict[str, IndexBackend] = {}  # built on first use, kept up to date by `add`
         self._id_order: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, their positions)
+
+    @classmethod
+    def from_model(cls, model: Any, *, distance: str | None = None, backend: str = "native",
+                   **backend_options: Any) -> CodeIndex:  # fmt: skip
+        """An empty index for a model's codes: its codebooks, and the scoring of its config (`distance`
+        overrides the config's)."""
+        settings = SearchSettings.from_config(model.config, distance=distance)
+        return cls(model.codebooks(), settings=settings, backend=backend, **backend_options)
+
+    @property
+    def codewords(self) -> torch.Tensor:
+        """(M, K, D) float32 copy of the codewords the codes refer to (read only)."""
+        return self._codewords
+
+    @property
+    def settings(self) -> SearchSettings:
+        return self._settings
 
     @property
     def num_codebooks(self) -> int:
-        return self.codebooks.shape[0]
+        return self._codewords.shape[0]
 
     @property
     def codebook_size(self) -> int:
-        return self.codebooks.shape[1]
+        return self._codewords.shape[1]
 
     @property
     def dim(self) -> int:
-        return self.codebooks.shape[0] * self.codebooks.shape[2]
+        return self._codewords.shape[0] * self._codewords.shape[2]
 
     @property
     def ntotal(self) -> int:
@@ -172,20 +167,22 @@ class CodeIndex:
     def add(self, codes: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Append (N, M) hard codes with (N,) unique non-negative ids (default: ntotal, ntotal + 1, ...)."""
         codes = torch.as_tensor(codes)
-        check_codes(codes, self.codebooks)
+        check_codes(codes, self._codewords)
         ids = self._new_ids(codes.shape[0], ids)
-        self._pending.append((codes.to("cpu", code_dtype(self.codebook_size)).contiguous(), ids))
-        self._faiss_index = None
+        codes = codes.to("cpu", code_dtype(self.codebook_size)).contiguous()
+        self._pending.append((codes, ids))
         self._id_order = None
+        for backend in self._backends.values():
+            backend.add(codes)
 
     def add_embeddings(
         self, embeddings: torch.Tensor, ids: torch.Tensor | None = None, batch_size: int = 65536
     ) -> torch.Tensor:
-        """Hard-code (N, d) embeddings with the index's codebooks (as `ProductQuantizer.encode`), add them and
+        """Hard-code (N, d) embeddings with the index's codewords (as `ProductQuantizer.encode`), add them and
         return the (N, M) codes."""
         check_query_embeddings(embeddings, self.dim)
         parts = [
-            hard_codes(embeddings[i : i + batch_size].detach().cpu(), self.codebooks)
+            hard_codes(embeddings[i : i + batch_size].detach().cpu(), self._codewords)
             for i in range(0, embeddings.shape[0], batch_size)
         ]
         codes = torch.cat(parts) if parts else self._codes[:0]  # (N, M)
@@ -209,58 +206,39 @@ class CodeIndex:
             )
         return ids
 
+    # search
+
     def search(self, query_embeddings: torch.Tensor, k: int, backend: str | None = None) -> SearchResult:
         """Top-k database items for each (Q, d) query: (scores (Q, k) float32, ids (Q, k) int64).
 
         Scores are higher-is-better similarities; ties go to the earlier-added item (native backend). Where
         the index holds fewer than k items the remaining slots get score -inf and id -1, as in faiss.
+        `backend` overrides the index's default backend for this call (with that backend's default options).
         """
-        backend = backend or self.backend
-        check_choice("backend", backend, BACKENDS)
         _check_k(k)
         query_embeddings = torch.as_tensor(query_embeddings)
         check_query_embeddings(query_embeddings, self.dim)
         queries = query_embeddings.detach().to("cpu", torch.float32)
-        if backend == "faiss":
-            return self._search_faiss(queries, k)
-        parts = [
-            self._search_block(queries[i : i + self.query_batch_size], k)
-            for i in range(0, queries.shape[0], self.query_batch_size)
-        ]
-        if not parts:
+        searcher = self._backend(backend or self.backend)
+        if queries.shape[0] == 0:
             return SearchResult(torch.empty(0, k), torch.empty(0, k, dtype=torch.int64))
-        return SearchResult(torch.cat([p.scores for p in parts]), torch.cat([p.ids for p in parts]))
-
-    def _search_block(self, queries: torch.Tensor, k: int) -> SearchResult:
-        """Scan the database in blocks with a running top-k; memory is O(queries x database_batch_size)."""
-        tables = query_tables(
-            queries, self.codebooks, self.distance, self.normalize_query_subvectors
-        )  # (Q, M, K)
-        values, positions = scan_topk(tables, self.codes, k, self.database_batch_size)  # (Q, k'), k' <= k
-        return self._pad(values, self.ids[positions], k)
-
-    @staticmethod
-    def _pad(scores: torch.Tensor, ids: torch.Tensor, k: int) -> SearchResult:
-        missing = k - scores.shape[1]
-        scores = F.pad(scores.to(torch.float32), (0, missing), value=float("-inf"))
-        return SearchResult(scores, F.pad(ids, (0, missing), value=-1))
-
-    def _search_faiss(self, queries: torch.Tensor, k: int) -> SearchResult:
-        if self.distance != "asymmetric":
-            raise ValueError(
-                "The faiss backend scores asymmetrically only; use backend='native' for symmetric."
-            )
-        if self._faiss_index is None:
-            self._faiss_index = self.to_faiss()
-        if self.normalize_query_subvectors:  # sum_m <q^m/|q^m|, c^m> is plain ADC on the normalised query
-            queries = F.normalize(queries.reshape(queries.shape[0], self.num_codebooks, -1), dim=-1)
-            queries = queries.reshape(queries.shape[0], self.dim)
-        distances, positions = self._faiss_index.search(np.ascontiguousarray(queries.numpy()), k)
-        positions = torch.from_numpy(positions)  # (Q, k), -1 where missing
+        scores, positions = searcher.search(queries, k)  # (Q, k'), k' <= k; position -1 where missing
         found = positions >= 0
-        ids = torch.where(found, self.ids[positions.clamp(min=0)], -1)
-        scores = torch.where(found, torch.from_numpy(distances), float("-inf"))
-        return SearchResult(scores.to(torch.float32), ids)
+        ids = torch.full_like(positions, -1)
+        ids[found] = self.ids[positions[found]]
+        scores = torch.where(found, scores.to(torch.float32), float("-inf"))
+        missing = k - scores.shape[1]
+        scores, ids = F.pad(scores, (0, missing), value=float("-inf")), F.pad(ids, (0, missing), value=-1)
+        return SearchResult(scores, ids)
+
+    def _backend(self, name: str) -> IndexBackend:
+        """The backend `name` for this index, built from the current codes on first use."""
+        if name not in self._backends:
+            cls = backend_class(name)
+            cls.check(self._codewords, self._settings)
+            options = self.backend_options if name == self.backend else {}
+            self._backends[name] = cls(self, **options)
+        return self._backends[name]
 
     def reconstruct(self, ids: torch.Tensor) -> torch.Tensor:
         """(n,) user ids -> (n, d) decoded vectors (concatenated codewords)."""
@@ -274,30 +252,33 @@ class CodeIndex:
             raise ValueError(
                 f"Some ids are not in the index: {ids[~torch.isin(ids, sorted_ids)][:10].tolist()}."
             )
-        return decode_codes(self.codes[positions[slots]], self.codebooks)
+        return decode_codes(self.codes[positions[slots]], self._codewords)
+
+    def check_codebooks_match(
+        self, codebooks: torch.Tensor, source: str, index_name: str = "The index"
+    ) -> None:
+        """Raise a ValueError unless `codebooks` (`model.codebooks()` of the model at `source`) are the ones
+        the codes were made with (same shape, equal within 1e-5): another model's queries score nonsense."""
+        codebooks = codebooks.detach().to("cpu", torch.float32)
+        same_shape = codebooks.shape == self._codewords.shape
+        if not same_shape or not torch.allclose(codebooks, self._codewords, atol=1e-5):
+            raise ValueError(
+                f"{index_name} was built with other codebooks than the model {source}: pass the model the "
+                "index was built with (mecoq index build MODEL_DIR ...)."
+            )
 
     def to_faiss(self, with_ids: bool = False) -> faiss.Index:
-        """A faiss `IndexPQ(d, M, 8, METRIC_INNER_PRODUCT)` holding these codebooks and codes.
+        """A faiss `IndexPQ(d, M, 8, METRIC_INNER_PRODUCT)` holding these codewords and codes.
 
         Its search returns insertion positions; `with_ids=True` wraps it in an `IndexIDMap` returning user
         ids. faiss `IndexPQ` stores 8-bit codes only here, so K must be 256.
         """
-        if self.codebook_size != 256:
-            raise ValueError(
-                f"faiss export needs K=256 codewords per codebook (8-bit codes), got K={self.codebook_size}. "
-                "Use the native backend for other codebook sizes."
-            )
-        faiss = _import_faiss()
-        index = faiss.IndexPQ(self.dim, self.num_codebooks, 8, faiss.METRIC_INNER_PRODUCT)
-        # pq.centroids is laid out (M, ksub, dsub) row-major, exactly our (M, K, D) codebooks.
-        faiss.copy_array_to_vector(self.codebooks.numpy().reshape(-1), index.pq.centroids)
-        index.is_trained = True
-        wrapped = faiss.IndexIDMap(index) if with_ids else None  # wraps empty indexes only; keeps a reference
-        # IndexPQ stores its codes as one flat uint8 vector of ntotal x M bytes: our (N, M) uint8 codes.
-        faiss.copy_array_to_vector(np.ascontiguousarray(self.codes.numpy()).reshape(-1), index.codes)
-        index.ntotal = self.ntotal
-        if wrapped is None:
-            return index
+        if not with_ids:
+            return index_pq(self._codewords, self.codes)
+        faiss = import_faiss()
+        inner = index_pq(self._codewords, self.codes[:0])
+        wrapped = faiss.IndexIDMap(inner)  # wraps empty indexes only; keeps a reference to `inner`
+        add_codes(inner, self.codes)
         faiss.copy_array_to_vector(self.ids.numpy(), wrapped.id_map)
         wrapped.ntotal = self.ntotal
         return wrapped
@@ -305,7 +286,7 @@ class CodeIndex:
     # persistence
 
     def _metadata(self) -> dict[str, str]:
-        num_codebooks, codebook_size, subvector_dim = self.codebooks.shape
+        num_codebooks, codebook_size, subvector_dim = self._codewords.shape
         return {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -313,23 +294,27 @@ class CodeIndex:
             "codebook_size": str(codebook_size),
             "subvector_dim": str(subvector_dim),
             "ntotal": str(self.ntotal),
-            "distance": self.distance,
-            "normalize_query_subvectors": json.dumps(self.normalize_query_subvectors),
+            "distance": self._settings.distance,
+            "normalize_query_subvectors": json.dumps(self._settings.normalize_query_subvectors),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index as one safetensors file, atomically (temp file in the folder, fsync, rename).
 
-        Missing parent folders are created.
+        Missing parent folders are created. The backend is not stored: it is chosen when loading.
         """
-        tensors = {"codebooks": self.codebooks, "codes": self.codes, "ids": self.ids}
+        tensors = {"codebooks": self._codewords, "codes": self.codes, "ids": self.ids}
         metadata = self._metadata()
         metadata["sha256"] = _checksum(tensors, metadata)
         return write_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backend: str = "native") -> CodeIndex:
-        """Read an index written by `save`; `IndexFormatError` for a truncated, edited or foreign file."""
+    def load(cls, path: str | os.PathLike, *, backend: str = "native", **backend_options: Any) -> CodeIndex:
+        """Read an index written by `save`; `IndexFormatError` for a truncated, edited or foreign file.
+
+        `backend` and `backend_options` are as in the constructor. Raises FileNotFoundError / PermissionError
+        for a missing / unreadable file.
+        """
         path = check_readable(path, "Index file", "Build it with `mecoq index build` or `CodeIndex.save`.")
         # `safe_open` memory-maps the file privately (copy-on-write) and `get_tensor` returns views of that
         # map, so the index bytes are not read into a second in-memory copy; pages load lazily as the checksum
@@ -350,20 +335,15 @@ class CodeIndex:
         _check_tensors(tensors, metadata, path)
         if _checksum(tensors, {k: v for k, v in metadata.items() if k != "sha256"}) != metadata["sha256"]:
             raise IndexFormatError(f"{path} fails its sha256 checksum: the file was modified or damaged.")
-        index = cls(
-            tensors["codebooks"],
-            distance=metadata["distance"],
-            normalize_query_subvectors=json.loads(metadata["normalize_query_subvectors"]),
-            backend=backend,
-        )
-        index._codes, index._ids = tensors["codes"], tensors["ids"]
+        settings = SearchSettings(metadata["distance"], json.loads(metadata["normalize_query_subvectors"]))
+        index = cls(tensors["codebooks"], settings=settings, backend=backend, **backend_options)
+        index._codes, index._ids = tensors["codes"], tensors["ids"]  # no backend is built yet
         return index
 
     def __repr__(self) -> str:
         return (
             f"CodeIndex(ntotal={self.ntotal}, M={self.num_codebooks}, K={self.codebook_size}, "
-            f"dim={self.dim}, distance={self.distance!r}, "
-            f"normalize_query_subvectors={self.normalize_query_subvectors}, backend={self.backend!r})"
+            f"dim={self.dim}, settings={self._settings}, backend={self.backend!r})"
         )
 
 
@@ -415,77 +395,10 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         raise IndexFormatError(f"{path}: tensor shapes or dtypes do not match the metadata {dict(metadata)}.")
 
 
-# sidecar: what the ids of an index file are
-
-
-def sidecar_path(index_path: str | os.PathLike) -> Path:
-    """`index.safetensors` -> `index.meta.json`: where the description of an index's items is stored."""
-    return Path(index_path).with_suffix(SIDECAR_SUFFIX)
-
-
-def save_sidecar(
-    index_path: str | os.PathLike,
-    *,
-    model: str | os.PathLike,
-    data: Mapping[str, Any],
-    ids: Sequence[int],
-    labels: Sequence[Any] | None = None,
-    class_names: Sequence[str] | None = None,
-    paths: Sequence[str | None] | None = None,
-) -> Path:
-    """Describe the items of an index file in a JSON file next to it (`sidecar_path`), written atomically.
-
-    The index holds only codes and ids; the sidecar says what the ids stand for, so that a search can print
-    labels and file paths and reload the retrieved images. `load_sidecar` reads it back.
-
-    Args:
-        index_path: the index file the sidecar belongs to.
-        model: the model the codes were made with: a folder (stored as an absolute path) or a Hub id.
-        data: how to reload the indexed images, e.g. `data.DataSource.to_dict()`.
-        ids: the index's ids, in insertion order.
-        labels: one label per id (a class id or a multi-hot list); None for unlabelled images.
-        class_names: the names of the class ids, if known.
-        paths: one image file path per id (None for images stored as bytes); stored only if any is set.
-    """
-    model_folder = Path(model).expanduser()
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "version": 1,
-        "model": str(model_folder.resolve()) if model_folder.is_dir() else str(model),
-        "data": dict(data),
-        "class_names": list(class_names) if class_names is not None else None,
-        "ids": [int(item) for item in ids],
-        "labels": list(labels) if labels is not None else None,
-        "paths": list(paths) if paths is not None and any(paths) else None,
-    }
-    return write_json(sidecar_path(index_path), sidecar, indent=None)
-
-
-def load_sidecar(index_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The sidecar written by `save_sidecar` for `index_path`, or None when there is none.
-
-    Raises `ValueError` when the file is damaged or is not a mecoq index sidecar.
-    """
-    path = sidecar_path(index_path)
-    if not path.is_file():
-        return None
-    sidecar = read_json(path, "Index sidecar")
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"{path} is not a mecoq index sidecar (format {SIDECAR_FORMAT!r} expected).")
-    return sidecar
-
-
 __all__ = [
-    "BACKENDS",
-    "DISTANCES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "SIDECAR_FORMAT",
-    "SIDECAR_SUFFIX",
     "CodeIndex",
     "IndexFormatError",
     "SearchResult",
-    "load_sidecar",
-    "save_sidecar",
-    "sidecar_path",
 ]

@@ -76,11 +76,14 @@ for _name, (_m, _d, _tau, _lam, _rho, _start, _fc) in _SCRIPT_ROWS.items():
         "backbone_trainable": "frozen" if _fc == 0 else _fc,
     }
 
+# How query embeddings are scored against database codes; the one definition (retrieval reads it from here).
+DISTANCES = ("asymmetric", "symmetric")
+
 _CHOICES = {
     "loss_mode": ("debias", "simple"),
     "contrastive_reduction": ("per_anchor", "broadcast"),
     "debias_floor": ("official", "dcl"),
-    "distance": ("asymmetric", "symmetric"),
+    "distance": DISTANCES,
 }
 
 
@@ -244,4 +247,4 @@ class MeCoQConfig(PreTrainedConfig):
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}.")
 
 
-__all__ = ["PRESETS", "MeCoQConfig"]
+__all__ = ["DISTANCES", "PRESETS", "MeCoQConfig"]

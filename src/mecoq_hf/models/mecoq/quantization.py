@@ -5,17 +5,16 @@ An embedding z of width d is cut into M sub-vectors of width D = d / M. Each sub
 
 - Training uses *soft* quantization: p = softmax(alpha * cos), reconstruction = sum_k p_k c_k per sub-space.
 - The index stores *hard* codes: argmax_k cos per sub-space, one byte per sub-space when K <= 256.
-- Search scores database codes against a query through per-query lookup tables (asymmetric), or decodes
-  both sides (symmetric).
+- Search (lookup tables, asymmetric and symmetric scores) lives outside the model, in
+  `mecoq_hf.retrieval.scoring`.
 
-The scoring helpers at the bottom are plain functions of tensors so that the index and the evaluation
-code can use them on codebooks loaded from `codebooks.safetensors`, without a model.
+The code helpers at the bottom are plain functions of tensors so that code holding codebooks loaded from
+`codebooks.safetensors` (the index, the evaluation) can check, make and decode codes without a model.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from typing import NamedTuple
 
@@ -186,12 +185,6 @@ class ProductQuantizer(nn.Module):
         return decode_codes(codes, self.normalized_codebooks())
 
     @torch.no_grad()
-    def lookup_tables(self, queries: torch.Tensor, normalize_query_subvectors: bool = False) -> torch.Tensor:
-        """(Q, d) query embeddings -> (Q, M, K) inner products with every codeword (asymmetric search)."""
-        with _autocast_disabled(queries):
-            return lookup_tables(queries, self.normalized_codebooks(), normalize_query_subvectors)
-
-    @torch.no_grad()
     def init_codebooks_from_embeddings_(
         self, embeddings: torch.Tensor, iterations: int = 30, seed: int = 0
     ) -> None:
@@ -249,7 +242,7 @@ def _autocast_disabled(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-# scoring helpers (plain functions of tensors; used by evaluation and the index)
+# code helpers (plain functions of tensors; used by the quantizer, the index and the evaluation)
 
 
 def check_codebooks(codebooks: torch.Tensor) -> tuple[int, int, int]:
@@ -288,28 +281,9 @@ def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     return codebooks[rows, index].reshape(codes.shape[0], num_codebooks * subvector_dim)
 
 
-def lookup_tables(
-    queries: torch.Tensor, codebooks: torch.Tensor, normalize_query_subvectors: bool = False
-) -> torch.Tensor:
-    """(Q, d) queries and (M, K, D) codebooks -> (Q, M, K) tables of <q^m, c_k^m>.
-
-    The reference code scores with the raw query (no normalisation, docs/method.md §7, pitfall 13);
-    `normalize_query_subvectors=True` gives the paper's formula (each sub-space term divided by ||q^m||).
-    """
-    num_codebooks, _, subvector_dim = check_codebooks(codebooks)
-    if queries.ndim != 2 or queries.shape[1] != num_codebooks * subvector_dim:
-        raise ValueError(
-            f"Query embeddings must have shape (Q, {num_codebooks * subvector_dim}) to match codebooks "
-            f"{tuple(codebooks.shape)}, got {tuple(queries.shape)}. Use `model.embed(...)` of the same model."
-        )
-    subvectors = queries.reshape(queries.shape[0], num_codebooks, subvector_dim).to(codebooks.dtype)
-    if normalize_query_subvectors:
-        subvectors = F.normalize(subvectors, dim=-1)
-    return torch.einsum("qmd,mkd->qmk", subvectors, codebooks)
-
-
 def hard_codes(embeddings: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(B, d) embeddings and (M, K, D) codebooks -> (B, M) codes: argmax cosine per sub-space (docs/method.md §2.5).
+    """(B, d) embeddings and (M, K, D) codebooks -> (B, M) codes: argmax cosine per sub-space (docs/method.md
+    §2.5).
 
     The rule of `ProductQuantizer.encode`, for code that holds codebooks but no model (e.g. the index).
     """
@@ -322,41 +296,6 @@ def hard_codes(embeddings: torch.Tensor, codebooks: torch.Tensor) -> torch.Tenso
     subvectors = F.normalize(embeddings.reshape(-1, num_codebooks, subvector_dim).to(codebooks.dtype), dim=-1)
     cosines = torch.einsum("bmd,mkd->bmk", subvectors, F.normalize(codebooks, dim=-1))  # (B, M, K)
     return cosines.argmax(dim=-1).to(code_dtype(codebook_size))
-
-
-def symmetric_tables(query_codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(Q, M) query codes -> (Q, M, K) tables <c^m_{q^m}, c^m_k> for symmetric search (docs/method.md §7)."""
-    check_codes(query_codes, codebooks)
-    inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
-    m_index = torch.arange(codebooks.shape[0], device=codebooks.device)[None, :]  # (1, M)
-    return inner[m_index, query_codes.long().to(codebooks.device)]  # (Q, M, K)
-
-
-def asymmetric_scores(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(Q, M, K) lookup tables and (N, M) codes -> (Q, N) scores, sum_m table[q, m, code[n, m]].
-
-    One `embedding_bag` sums the M rows of a flattened (M*K, Q) table per database item: on a 2-core CPU
-    about 20x faster than gathering one (Q,) column per item and sub-space, with the same summation order.
-    """
-    num_queries, num_codebooks, codebook_size = tables.shape
-    if codes.ndim != 2 or codes.shape[1] != num_codebooks:
-        raise ValueError(f"Codes must have shape (N, {num_codebooks}), got {tuple(codes.shape)}.")
-    if codes.shape[0] == 0:
-        return tables.new_zeros(num_queries, 0)
-    offsets = torch.arange(num_codebooks, dtype=torch.int32, device=tables.device) * codebook_size  # (M,)
-    flat_codes = codes.to(device=tables.device, dtype=torch.int32) + offsets  # (N, M) rows of the (M*K) table
-    weight = tables.reshape(num_queries, num_codebooks * codebook_size).T.contiguous()  # (M*K, Q)
-    return F.embedding_bag(flat_codes, weight, mode="sum").T.contiguous()  # (Q, N)
-
-
-def symmetric_scores(query_codes: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(Q, M) query codes, (N, M) database codes -> (Q, N) scores sum_m <c_{q^m}, c_{x^m}> (docs/method.md §7)."""
-    return asymmetric_scores(symmetric_tables(query_codes, codebooks), codes)
-
-
-def bits_per_code(num_codebooks: int, codebook_size: int) -> int:
-    """M * log2(K): the length of a code in bits (e.g. M=4, K=256 -> 32 bits)."""
-    return int(num_codebooks * math.log2(codebook_size))
 
 
 # codebook files
@@ -421,17 +360,12 @@ __all__ = [
     "CODEBOOKS_FILE",
     "ProductQuantizer",
     "SoftQuantization",
-    "asymmetric_scores",
-    "bits_per_code",
     "check_codebooks",
     "check_codes",
     "code_dtype",
     "decode_codes",
     "hard_codes",
     "load_codebooks",
-    "lookup_tables",
     "save_codebooks",
     "split_subvectors",
-    "symmetric_scores",
-    "symmetric_tables",
 ]
