@@ -40,10 +40,14 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.retrieval.evaluation import evaluate_codes, mean_average_precision
+from mecoq_hf.retrieval.evaluation import evaluate_codes
 from mecoq_hf.retrieval.index import CodeIndex
+from mecoq_hf.retrieval.metrics import mean_average_precision
+from mecoq_hf.retrieval.scoring import SearchSettings
 
 RESULTS = Path(__file__).parent / "results"
+# Raw-query ADC, what a faiss IndexPQ exported by `CodeIndex.to_faiss` computes for the same queries.
+RAW_ADC = SearchSettings("asymmetric", normalize_query_subvectors=False)
 
 
 def release_free_memory() -> None:
@@ -101,7 +105,7 @@ def bench_search(num_codebooks: int, threads: int, args: argparse.Namespace) -> 
     codebooks, codes, queries = random_index_data(
         num_codebooks, args.database, args.queries, seed=num_codebooks
     )
-    index = CodeIndex(codebooks)
+    index = CodeIndex(codebooks, settings=RAW_ADC)
     index.add(codes)
     start = time.perf_counter()
     faiss_index = index.to_faiss()
@@ -140,7 +144,7 @@ def bench_scale_curve(
     rows = []
     for size in sizes:
         codebooks, codes, queries = random_index_data(num_codebooks, size, num_queries, seed=num_codebooks)
-        index = CodeIndex(codebooks)
+        index = CodeIndex(codebooks, settings=RAW_ADC)
         index.add(codes)
         faiss_index = index.to_faiss()
         index.search(queries[:4], k), faiss_index.search(queries[:4].numpy(), k)  # warm-up
@@ -225,7 +229,7 @@ def bench_scale(args: argparse.Namespace) -> dict:
     db_labels = torch.arange(args.database) % 10
     query_labels = torch.arange(args.scale_queries) % 10
     seconds, value, peak = timed(
-        lambda: evaluate_codes(queries, codes, codebooks, query_labels, db_labels, top_k=1000), 1
+        lambda: evaluate_codes(queries, codes, codebooks, query_labels, db_labels, 1000, settings=RAW_ADC), 1
     )
     return {
         "threads": torch.get_num_threads(),

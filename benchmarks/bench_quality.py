@@ -56,7 +56,9 @@ from mecoq_hf.feature_cache import compute_features, compute_view_features
 from mecoq_hf.models.mecoq.backbones import TimmBackbone, load_backbone_weights
 from mecoq_hf.models.mecoq.configuration_mecoq import MeCoQConfig
 from mecoq_hf.retrieval.baselines import make_baseline
-from mecoq_hf.retrieval.evaluation import CodeScores, mean_average_precision, precision_recall_curve
+from mecoq_hf.retrieval.evaluation import CodeScores
+from mecoq_hf.retrieval.metrics import mean_average_precision, precision_recall_curve
+from mecoq_hf.retrieval.scoring import SearchSettings
 from mecoq_hf.training.trainer import TrainingArguments, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -246,8 +248,8 @@ def mecoq_scores(model, features: dict[str, Any]) -> tuple[CodeScores, torch.Ten
     embeddings = model.projection(features["query"].outputs.to(device)).cpu()  # (Q, d)
     codes = torch.cat([model.quantizer.encode(model.projection(chunk.to(device))).cpu()
                        for chunk in features["database"].outputs.split(8192)])  # fmt: skip
-    scores = CodeScores(embeddings, codes, model.codebooks().detach(), model.config.distance,
-                        model.config.normalize_query_subvectors)  # fmt: skip
+    settings = SearchSettings.from_config(model.config)
+    scores = CodeScores(embeddings, codes, model.codebooks().detach(), settings)
     return scores, codes
 
 

@@ -31,8 +31,7 @@ def build_index(model, database, accelerator, batch_size):
     transform = build_eval_transform(model.backbone.data_config)
     loader = make_eval_dataloader(database, transform, batch_size)
     encoded = encode_dataset(model, loader, accelerator, method="encode")  # codes (N, M), ids (N,)
-    index = CodeIndex(model.codebooks(), distance=model.config.distance,
-                      normalize_query_subvectors=model.config.normalize_query_subvectors)  # fmt: skip
+    index = CodeIndex.from_model(model)  # the model's codebooks and its config's scoring
     index.add(encoded.outputs, ids=encoded.ids)
     return index
 

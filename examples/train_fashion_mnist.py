@@ -28,6 +28,7 @@ from mecoq_hf.data.splits import SplitDefinition
 from mecoq_hf.data.transforms import build_eval_transform
 from mecoq_hf.encoding import encode_dataset
 from mecoq_hf.retrieval.evaluation import evaluate_codes
+from mecoq_hf.retrieval.scoring import SearchSettings
 from mecoq_hf.training.trainer import TrainingArguments, build_accelerator, train
 
 TOP_K = 1000  # K of mAP@K, as for CIFAR-10 in the paper
@@ -74,7 +75,7 @@ def training_function(config, args):
     }  # fmt: skip
     test_map = evaluate_codes(
         encoded["query"].outputs, encoded["database"].outputs, model.codebooks().cpu(), encoded["query"].labels,
-        encoded["database"].labels, top_k=TOP_K, normalize_query_subvectors=model.config.normalize_query_subvectors,
+        encoded["database"].labels, top_k=TOP_K, settings=SearchSettings.from_config(model.config),
     )  # fmt: skip
     accelerator.print(
         f"test mAP@{TOP_K} ({model_config.bits} bits): {test_map:.4f}; model folder: {args.output_dir}"

@@ -19,7 +19,7 @@ from mecoq_hf.retrieval.baselines import (
     pack_bits,
     unpack_bits,
 )
-from mecoq_hf.retrieval.evaluation import mean_average_precision
+from mecoq_hf.retrieval.metrics import mean_average_precision
 
 
 def clustered_features(seed: int, num_items: int = 1200, dim: int = 32, num_classes: int = 8):
@@ -131,7 +131,7 @@ def test_pq_scores_equal_faiss_index_pq_search():
     pq = PQ(32).fit(features[300:])
     codes = pq.encode(features[300:])
     assert codes.shape == (1700, 4) and codes.dtype == torch.uint8
-    assert pq.codebooks.shape == (4, 256, 8)
+    assert pq.centroids.shape == (4, 256, 8)
     ours = pq.scores(features[:300], codes)[0:300]  # (300, 1700)
     faiss_scores, positions = pq.to_faiss(codes).search(pq.query_embeddings(features[:300]).numpy(), 10)
     torch.testing.assert_close(ours.gather(1, torch.from_numpy(positions)), torch.from_numpy(faiss_scores),
@@ -167,7 +167,7 @@ def test_opq_quantizes_correlated_features_better_than_pq():
         method.fit(features)
         queries = method.query_embeddings(features)  # rotated unit vectors (OPQ) or unit vectors (PQ)
         codes = method.encode(features).long()
-        decoded = method.codebooks[torch.arange(2), codes].reshape(len(features), -1)  # (N, d)
+        decoded = method.centroids[torch.arange(2), codes].reshape(len(features), -1)  # (N, d)
         errors[method.name] = float((queries - decoded).pow(2).sum(dim=1).mean())
     assert unit.shape == (3000, 32)
     assert errors["opq"] < errors["pq"]
@@ -247,7 +247,7 @@ def test_evaluate_pq_baseline_on_a_models_frozen_backbone_features():
     from mecoq_hf.data.transforms import build_eval_transform
     from mecoq_hf.feature_cache import compute_features
     from mecoq_hf.retrieval.baselines import evaluate_pq_baseline
-    from mecoq_hf.retrieval.evaluation import precision_recall_curve
+    from mecoq_hf.retrieval.metrics import precision_recall_curve
 
     torch.manual_seed(0)
     config = MeCoQConfig(backbone="test_efficientnet", backbone_weights=None, image_size=32, embedding_dim=16,

@@ -31,6 +31,7 @@ from mecoq_hf.data.transforms import build_eval_transform
 from mecoq_hf.encoding import encode_dataset
 from mecoq_hf.retrieval.evaluation import evaluate_codes
 from mecoq_hf.retrieval.index import CodeIndex
+from mecoq_hf.retrieval.scoring import SearchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +101,7 @@ def independent_map(model_dir: Path, definition: SplitDefinition, top_k: int) ->
     database = encode_dataset(model, make_eval_dataloader(splits["database"], transform, 64), method="encode",
                               show_progress_bar=False)  # fmt: skip
     return evaluate_codes(queries.outputs, database.outputs, model.codebooks(), queries.labels, database.labels,
-                          top_k, model.config.distance, model.config.normalize_query_subvectors)  # fmt: skip
+                          top_k, settings=SearchSettings.from_config(model.config))  # fmt: skip
 
 
 # help

@@ -8,7 +8,12 @@ from file_modes import UMASKS, modes_not_following, process_umask
 
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
-from mecoq_hf.feature_cache import CachedViewPairs, compute_features, compute_view_features
+from mecoq_hf.feature_cache import (
+    CachedViewPairs,
+    compute_eval_features,
+    compute_features,
+    compute_view_features,
+)
 from mecoq_hf.models.mecoq.backbones import TimmBackbone
 
 
@@ -25,6 +30,21 @@ def test_features_equal_a_direct_forward_pass_and_keep_labels():
         expected = backbone.eval()(torch.stack([transform(image) for image in images["image"]]))
     assert torch.allclose(encoded.outputs, expected, atol=1e-6)
     assert encoded.labels.tolist() == images["label"] and encoded.ids.tolist() == list(range(12))
+
+
+def test_eval_features_of_several_splits_share_the_disk_cache(tmp_path):
+    backbone, images = tiny_backbone(), load_fashion_mnist("test", limit=12)
+    first, second = images.select(range(5)), images.select(range(5, 12))
+    features = compute_eval_features(backbone, [first, second], batch_size=4, num_workers=1,
+                                     show_progress_bar=False, cache_dir=tmp_path)  # fmt: skip
+    transform = build_eval_transform(backbone.data_config)
+    whole = compute_features(backbone, images, transform, show_progress_bar=False)
+    assert torch.allclose(torch.cat([f.outputs for f in features]), whole.outputs, atol=1e-6)  # other batches
+    assert [f.labels.tolist() for f in features] == [images["label"][:5], images["label"][5:]]
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
+    again = compute_features(backbone, second, transform, show_progress_bar=False, cache_dir=tmp_path)
+    assert torch.equal(again.outputs, features[1].outputs)  # found on disk by another caller
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
 
 
 def test_disk_cache_is_reused_and_keyed_by_settings(tmp_path):

@@ -1,4 +1,4 @@
-"""Product quantizer: soft/hard assignment, encode/decode, lookup tables and codebook files."""
+"""Product quantizer: soft/hard assignment, encode/decode, code helpers and codebook files."""
 
 from __future__ import annotations
 
@@ -6,16 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mecoq_hf.models.mecoq.quantization import (
-    ProductQuantizer,
-    asymmetric_scores,
-    code_dtype,
-    decode_codes,
-    load_codebooks,
-    lookup_tables,
-    save_codebooks,
-    symmetric_scores,
-)
+from mecoq_hf.models.mecoq.quantization import ProductQuantizer, code_dtype, load_codebooks, save_codebooks
 
 
 @pytest.fixture
@@ -64,25 +55,6 @@ def test_codes_are_scale_invariant_per_subvector(quantizer):
     assert torch.equal(quantizer.encode(scaled.reshape(4, 12)), quantizer.encode(z))
 
 
-def test_asymmetric_scores_equal_dot_with_decoded(quantizer):
-    queries, database = torch.randn(6, 12), torch.randn(20, 12)
-    codes = quantizer.encode(database)
-    tables = quantizer.lookup_tables(queries)
-    scores = asymmetric_scores(tables, codes)
-    assert torch.allclose(scores, queries @ quantizer.decode(codes).T, atol=1e-5)
-    normalized = asymmetric_scores(quantizer.lookup_tables(queries, normalize_query_subvectors=True), codes)
-    unit_queries = F.normalize(queries.reshape(6, 3, 4), dim=-1).reshape(6, 12)
-    assert torch.allclose(normalized, unit_queries @ quantizer.decode(codes).T, atol=1e-5)
-
-
-def test_symmetric_scores_equal_dot_of_decoded(quantizer):
-    query_codes = quantizer.encode(torch.randn(5, 12))
-    codes = quantizer.encode(torch.randn(9, 12))
-    codebooks = quantizer.normalized_codebooks()
-    expected = decode_codes(query_codes, codebooks) @ decode_codes(codes, codebooks).T
-    assert torch.allclose(symmetric_scores(query_codes, codes, codebooks), expected, atol=1e-5)
-
-
 def test_code_dtype_widens_with_codebook_size():
     assert code_dtype(256) == torch.uint8
     assert code_dtype(257) == torch.int16
@@ -105,8 +77,6 @@ def test_bad_shapes_give_clear_errors(quantizer):
         quantizer(torch.randn(2, 10))
     with pytest.raises(ValueError, match="multiple of num_codebooks"):
         ProductQuantizer(dim=10, num_codebooks=3)
-    with pytest.raises(ValueError, match=r"\(Q, 12\)"):
-        lookup_tables(torch.randn(2, 8), quantizer.normalized_codebooks())
     with pytest.raises(ValueError, match=r"lie in \[0, 7\]"):
         quantizer.decode(torch.tensor([[0, 1, 9]], dtype=torch.uint8))
     with pytest.raises(ValueError, match="M=3"):
@@ -128,17 +98,6 @@ def test_codebook_file_round_trip_and_corruption(tmp_path, quantizer):
     save_file({"codebooks": torch.zeros(2, 4, 3)}, other, metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not a valid MeCoQ codebooks file"):
         load_codebooks(other)
-
-
-def test_asymmetric_scores_equal_an_explicit_gather():
-    torch.manual_seed(6)
-    tables = torch.randn(5, 3, 8)
-    codes = torch.randint(0, 8, (11, 3), dtype=torch.uint8)
-    expected = torch.stack([
-        torch.stack([sum(tables[q, m, int(codes[n, m])] for m in range(3)) for n in range(11)]) for q in range(5)
-    ])  # fmt: skip
-    assert torch.allclose(asymmetric_scores(tables, codes), expected, atol=1e-6)
-    assert asymmetric_scores(tables, codes[:0]).shape == (5, 0)
 
 
 def test_hard_codes_function_equals_the_quantizer(quantizer):

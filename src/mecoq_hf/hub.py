@@ -177,7 +177,7 @@ def download_codebooks(
     """Download only `codebooks.safetensors` of a MeCoQ repo and return the (M, K, D) codebooks.
 
     With them, codes (N, M) made by the same model elsewhere can be decoded (`quantization.decode_codes`) or
-    searched (`quantization.lookup_tables` + `asymmetric_scores`) without downloading the backbone.
+    searched (`retrieval.index.CodeIndex(codebooks)`) without downloading the backbone.
 
     Raises:
         ValueError: the file is not a valid MeCoQ codebooks file or holds non-finite values.
