@@ -473,6 +473,4 @@ __all__ = [
     "HammingScores",
     "evaluate_pq_baseline",
     "make_baseline",
-    "pack_bits",
-    "unpack_bits",
 ]

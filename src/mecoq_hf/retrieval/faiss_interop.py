@@ -67,4 +67,4 @@ def pq_centroids(product_quantizer: Any) -> torch.Tensor:
     return torch.from_numpy(centroids).reshape(product_quantizer.M, product_quantizer.ksub, -1)
 
 
-__all__ = ["add_codes", "check_faiss_codebooks", "import_faiss", "index_pq", "pq_centroids"]
+__all__ = ["import_faiss", "index_pq"]
