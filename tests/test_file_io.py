@@ -21,7 +21,8 @@ from mecoq_hf import MeCoQConfig, MeCoQModel, file_io
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.splits import SplitDefinition
 from mecoq_hf.models.mecoq import file_access
-from mecoq_hf.retrieval.index import CodeIndex, save_sidecar
+from mecoq_hf.retrieval.index import CodeIndex
+from mecoq_hf.retrieval.sidecar import IndexSidecar
 from mecoq_hf.training.trainer import TrainingArguments, train
 
 TINY = dict(
@@ -92,7 +93,8 @@ def test_an_index_and_its_sidecar_follow_the_umask(tmp_path, umask):
     index.add(model.encode(torch.randn(5, 3, 32, 32)))
     with process_umask(umask):
         index.save(tmp_path / "index.safetensors")
-        save_sidecar(tmp_path / "index.safetensors", model="org/name", data={}, ids=index.ids.tolist())
+        sidecar = IndexSidecar.describe(model="org/name", data={}, ids=index.ids.tolist())
+        sidecar.save(tmp_path / "index.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["index.meta.json", "index.safetensors"]
     assert modes_not_following(umask, tmp_path) == {}
 

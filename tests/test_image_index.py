@@ -133,7 +133,7 @@ def test_a_model_with_other_codebooks_is_refused(saved_model, tmp_path):
 
 
 def test_missing_files_and_a_missing_sidecar_are_named(saved_model, tmp_path):
-    with pytest.raises(FileNotFoundError, match="build it with `mecoq index build`"):
+    with pytest.raises(FileNotFoundError, match="does not exist. Build it with `mecoq index build`"):
         ImageIndex.load(tmp_path / "none.safetensors")
     path = small_index(20).save(tmp_path / "bare.safetensors")
     bare = ImageIndex.load(path)

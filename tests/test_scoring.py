@@ -107,6 +107,15 @@ def test_table_scores_equal_an_explicit_gather():
         table_scores(tables, codes[:, :2])
 
 
+@pytest.mark.parametrize("settings", [RAW, UNIT, SYMMETRIC])
+def test_score_tables_ignore_bf16_autocast(quantizer, settings):
+    queries, codebooks = torch.randn(32, 12), quantizer.normalized_codebooks().detach()
+    reference = query_tables(queries, codebooks, settings)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tables = query_tables(queries, codebooks, settings)
+    assert tables.dtype == torch.float32 and torch.equal(tables, reference)
+
+
 def test_bad_query_width_is_named(quantizer):
     with pytest.raises(ValueError, match=r"\(Q, 12\)"):
         lookup_tables(torch.randn(2, 8), quantizer.normalized_codebooks(), normalize_query_subvectors=False)

@@ -101,17 +101,24 @@ def lookup_tables(
             f"{tuple(codebooks.shape)}, got {tuple(queries.shape)}. Use `model.embed(...)` of the same model."
         )
     subvectors = queries.reshape(queries.shape[0], num_codebooks, subvector_dim).to(codebooks.dtype)
-    if normalize_query_subvectors:
-        subvectors = F.normalize(subvectors, dim=-1)
-    return torch.einsum("qmd,mkd->qmk", subvectors, codebooks)
+    with _autocast_disabled(codebooks):  # bf16 tables would reorder near-tied results
+        if normalize_query_subvectors:
+            subvectors = F.normalize(subvectors, dim=-1)
+        return torch.einsum("qmd,mkd->qmk", subvectors, codebooks)  # (Q, M, K)
 
 
 def symmetric_tables(query_codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """(Q, M) query codes -> (Q, M, K) tables <c^m_{q^m}, c^m_k> for symmetric search (docs/method.md §7)."""
     check_codes(query_codes, codebooks)
-    inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
+    with _autocast_disabled(codebooks):
+        inner = torch.einsum("mkd,mjd->mkj", codebooks, codebooks)  # (M, K, K) codeword inner products
     m_index = torch.arange(codebooks.shape[0], device=codebooks.device)[None, :]  # (1, M)
     return inner[m_index, query_codes.long().to(codebooks.device)]  # (Q, M, K)
+
+
+def _autocast_disabled(tensor: torch.Tensor) -> torch.autocast:
+    """A context without autocast on `tensor`'s device type: tables are computed in the codebooks' dtype."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 def query_tables(
