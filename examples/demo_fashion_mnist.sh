@@ -24,7 +24,7 @@ echo "== 1/5 train (32 bits: 4 codebooks x 256 codewords)"
     --set training.feature_cache_dir="$OUT/feature_cache" --no-progress --output-dir "$OUT"
 
 echo "== 2/5 evaluate: mAP@1000 of the queries against the database, next to PQ on the same frozen features"
-"$BIN/mecoq" evaluate "$OUT" --top-k 1000 --baseline pq --feature-cache "$OUT/feature_cache" \
+"$BIN/mecoq" evaluate "$OUT" --map-k 1000 --baseline pq --feature-cache "$OUT/feature_cache" \
     --output "$OUT/metrics.json" --pr-curve "$OUT/pr_curve.png"
 
 echo "== 3/5 index the 10,000 test images (4 bytes each)"

@@ -6,7 +6,8 @@
 # by asymmetric scores (the query's embedding against the codewords). Nothing is trained here.
 #
 #   python examples/retrieval.py runs/fashion-mnist --dataset fashion-mnist --limit 5000
-#   python examples/retrieval.py runs/fashion-mnist --dataset ./photos --image ./query.jpg --save-index idx.safetensors
+#   python examples/retrieval.py runs/fashion-mnist --dataset ./photos --image ./query.jpg \
+#       --save-index idx.safetensors
 #   accelerate launch examples/retrieval.py runs/fashion-mnist ...   (encodes the database on every process)
 # The command-line equivalent is `mecoq index build ...` followed by `mecoq search ...`.
 # ##################################################################################################
@@ -81,13 +82,13 @@ def main():
 
     names = database.features["label"].names if "label" in database.features else None
     label_of = dict(zip(database["index"], database["label"])) if "label" in database.column_names else {}
-    accelerator.print(f"{index}\nquery: {args.image or f'row {len(database) % len(images)} of {args.dataset}'}"
-                      + (f" ({names[query_label]})" if names and query_label is not None else ""))  # fmt: skip
+    query_name = args.image or f"row {len(database) % len(images)} of {args.dataset}"
+    query_class = f" ({names[query_label]})" if names and query_label is not None else ""
+    accelerator.print(f"{index}\nquery: {query_name}{query_class}")
     for rank, (item, score) in enumerate(zip(ids, scores), start=1):
         label = label_of.get(item)
-        accelerator.print(
-            f"{rank:>3}. id {item:>6}  score {score:8.4f}  {names[label] if names and label is not None else ''}"
-        )
+        label_name = names[label] if names and label is not None else ""
+        accelerator.print(f"{rank:>3}. id {item:>6}  score {score:8.4f}  {label_name}")
     accelerator.end_training()
 
 

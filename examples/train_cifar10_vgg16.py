@@ -1,9 +1,9 @@
 # ##################################################################################################
 # The paper's CIFAR-10 recipe: MeCoQ on VGG-16 fc7 features (fc6 + fc7 fine-tuned), 16/32/64 bits.
 #
-# Settings are the reference scripts' (`cifar10-i-*` / `cifar10-ii-*` presets, docs/method.md §9): 224 px inputs
-# (CIFAR's 32 px upsampled), batch 128, SGD lr 0.01 with one warm-up epoch and cosine decay, up to 50 epochs,
-# mAP@1000. Splits follow the CIFAR-10 protocols on the merged 60,000 images: 1,000 queries per class;
+# Settings are the reference scripts' (`cifar10-i-*` / `cifar10-ii-*` presets, docs/method.md §9): 224 px
+# inputs (CIFAR's 32 px upsampled), batch 128, SGD lr 0.01 with one warm-up epoch and cosine decay, up to 50
+# epochs, mAP@1000. Splits follow the CIFAR-10 protocols on the merged 60,000 images: 1,000 queries per class;
 # protocol I trains on the whole 50,000-image database, protocol II on 500 images per class. Unlike the
 # reference code, the checkpoint is chosen on a validation split (100 images per class held out of the
 # database), never on the queries.
@@ -38,7 +38,8 @@ WEIGHT_DECAY = {
 
 
 def offline_problems(args) -> list[str]:
-    """What this run would need from the Hub while the Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    """What this run would need from the Hub while the Hub is switched off (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE)."""
     import datasets
     from huggingface_hub import constants
 
@@ -46,47 +47,41 @@ def offline_problems(args) -> list[str]:
         return []
     problems = []
     if args.data is None:
-        problems.append(f"CIFAR-10 would come from the Hub dataset {HUB_DATASET!r}: pass --data DIR (an image "
-                        "folder with train/<class>/ and test/<class>/, or a save_to_disk folder)")  # fmt: skip
+        problems.append(f"CIFAR-10 would come from the Hub dataset {HUB_DATASET!r}: pass --data DIR (an "
+                        "image folder with train/<class>/ and test/<class>/, or a save_to_disk "
+                        "folder)")  # fmt: skip
     if args.vgg_weights is None:
-        problems.append("the ImageNet VGG-16 weights would come from timm's Hub checkpoint vgg16.tv_in1k: pass "
-                        "--vgg-weights PATH (torchvision's vgg16-397923af.pth or a .safetensors file)")  # fmt: skip
+        problems.append("the ImageNet VGG-16 weights would come from timm's Hub checkpoint vgg16.tv_in1k: "
+                        "pass --vgg-weights PATH (torchvision's vgg16-397923af.pth or a .safetensors "
+                        "file)")  # fmt: skip
     return problems
 
 
-def get_splits(accelerator, args):
-    """CIFAR-10 protocol splits of the merged train + test images, recorded for `mecoq evaluate`."""
+def training_function(config, args):
+    from mecoq_hf import MeCoQConfig
     from mecoq_hf.data.splits import SplitDefinition
+    from mecoq_hf.training import RunFolder, TrainingArguments, build_accelerator, train_on_splits
 
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, num_epochs=config["epochs"], batch_size=config["batch_size"],
+        learning_rate=config["lr"], weight_decay=config["weight_decay"],
+        backbone_lr_scale=config["backbone_lr_scale"], patience=config["patience"], top_k=TOP_K, seed=2021,
+        num_workers=args.num_workers, report_to="auto", resume=args.resume,
+    )  # fmt: skip
+    accelerator = build_accelerator(training_args)
+    # CIFAR-10 protocol splits of the merged train + test images, recorded in the run folder (splits.json)
+    # for `mecoq evaluate`.
     definition = SplitDefinition(
         source=args.data or HUB_DATASET, split="train+test", image_column=args.image_column or
         ("img" if args.data is None else "image"), protocol=f"cifar10-{args.protocol.lower()}",
         num_validation=args.num_validation, seed=2021,
     )  # fmt: skip
-    with accelerator.main_process_first():
-        splits = definition.build()
-    if accelerator.is_main_process:
-        definition.save(splits, args.output_dir)
+    splits = RunFolder(args.output_dir).record_splits(definition, accelerator, resume=args.resume)
     accelerator.print(definition.describe(splits))
-    return splits
-
-
-def training_function(config, args):
-    from mecoq_hf import MeCoQConfig
-    from mecoq_hf.training.trainer import TrainingArguments, build_accelerator, train
-
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, num_epochs=config["epochs"], batch_size=config["batch_size"],
-        learning_rate=config["lr"], weight_decay=config["weight_decay"], backbone_lr_scale=config["backbone_lr_scale"],
-        patience=config["patience"], top_k=TOP_K, seed=2021, num_workers=args.num_workers, report_to="auto",
-    )  # fmt: skip
-    accelerator = build_accelerator(training_args)
-    splits = get_splits(accelerator, args)
     model_config = MeCoQConfig.from_preset(
         f"cifar10-{args.protocol.lower()}-{args.bits}", backbone_weights=args.vgg_weights or "timm"
     )
-    result = train(model_config, training_args, splits["train"], splits["validation"], splits["database"],
-                   accelerator=accelerator)  # fmt: skip
+    result = train_on_splits(model_config, training_args, splits, accelerator=accelerator)
     accelerator.print(f"Best validation mAP@{TOP_K}: {result.best_metric:.4f} (epoch {result.best_epoch}). "
                       f"Test it with: mecoq evaluate {args.output_dir}")  # fmt: skip
 
@@ -114,6 +109,7 @@ def main():
     parser.add_argument("--output-dir", default=None, help="default: runs/cifar10-<protocol>-<bits>")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     args = parser.parse_args()
     args.output_dir = args.output_dir or f"runs/cifar10-{args.protocol.lower()}-{args.bits}"
     problems = offline_problems(args)
@@ -125,7 +121,7 @@ def main():
     config = {
         "epochs": args.epochs, "batch_size": 128, "lr": 0.01, "patience": 10,
         "weight_decay": WEIGHT_DECAY[(args.protocol, args.bits)],
-        "backbone_lr_scale": 1.0,  # what the reference code effectively ran (its scheduler reset the 1e-3 scale)
+        "backbone_lr_scale": 1.0,  # what the reference code ran (its scheduler reset the 1e-3 scale)
     }  # fmt: skip
     try:
         training_function(config, args)

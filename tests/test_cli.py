@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from mecoq_hf import MeCoQModel, cli
 from mecoq_hf.cli import build_parser
-from mecoq_hf.cli.settings import resolve_train_settings
+from mecoq_hf.cli.train import settings_from_flags
 from mecoq_hf.data.loaders import make_eval_dataloader
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.splits import SplitDefinition
@@ -100,8 +100,9 @@ def independent_map(model_dir: Path, definition: SplitDefinition, top_k: int) ->
                              show_progress_bar=False)  # fmt: skip
     database = encode_dataset(model, make_eval_dataloader(splits["database"], transform, 64), method="encode",
                               show_progress_bar=False)  # fmt: skip
-    return evaluate_codes(queries.outputs, database.outputs, model.codebooks(), queries.labels, database.labels,
-                          top_k, settings=SearchSettings.from_config(model.config))  # fmt: skip
+    settings = SearchSettings.from_config(model.config)
+    return evaluate_codes(queries.outputs, database.outputs, model.codebooks(), queries.labels,
+                          database.labels, top_k, settings=settings)  # fmt: skip
 
 
 # help
@@ -143,7 +144,7 @@ def test_flags_and_set_override_the_config_file_and_the_preset(config_file, tmp_
         "--bits", "32", "--image-size", "48", "--seed", "7", "--set", "model.temperature=0.3",
         "--set", "weight_decay=1e-3", "--set", "data.per_class=false", "--dataset", "fashion-mnist",
     ])  # fmt: skip
-    config, training_args, definition = resolve_train_settings(args)
+    config, training_args, definition = settings_from_flags(args)
     assert config.trainable_codebooks is False and config.contrastive_reduction == "broadcast"  # the preset
     assert config.backbone == "test_efficientnet"  # the file beats the preset
     assert (config.num_codebooks, config.embedding_dim) == (4, 32)  # --bits 32 keeps D = 16 / 2 = 8
@@ -154,8 +155,15 @@ def test_flags_and_set_override_the_config_file_and_the_preset(config_file, tmp_
     # --bits keeps the preset's sub-vector width: cifar10-ii-32 has d = 48 over M = 4 (D = 12).
     args = build_parser().parse_args(["train", "--preset", "cifar10-ii-32", "--bits", "16", "--dataset", "x",
                                       "--output-dir", str(tmp_path)])  # fmt: skip
-    config, _, _ = resolve_train_settings(args)
+    config, _, _ = settings_from_flags(args)
     assert (config.num_codebooks, config.embedding_dim, config.backbone) == (2, 24, "vgg16")
+    # --embedding-dim next to --bits is taken as given; --resume and --no-progress reach the arguments.
+    args = build_parser().parse_args(["train", "--preset", "cifar10-ii-32", "--bits", "16", "--embedding-dim",
+                                      "40", "--dataset", "x", "--output-dir", str(tmp_path), "--resume",
+                                      "--no-progress"])  # fmt: skip
+    config, training_args, _ = settings_from_flags(args)
+    assert (config.num_codebooks, config.embedding_dim) == (2, 40)
+    assert training_args.resume is True and training_args.progress_bar is False
 
 
 # the pipeline: train -> evaluate -> index -> search -> encode
@@ -196,6 +204,8 @@ def test_train_writes_a_model_folder_with_its_splits(trained):
         and run_record["training_args"]["learning_rate"] == 0.05
     )
     assert 0.0 <= run_record["metrics"]["best_validation_map"] <= 1.0
+    assert run_record["dataset"]["license"] == "mit"  # known for the data source, not hard-coded in the CLI
+    assert run_record["dataset"]["protocol"] == definition.describe(splits)
 
 
 def test_evaluate_writes_metrics_and_a_pr_curve(trained, tmp_path, capsys):
@@ -230,8 +240,8 @@ def test_card_reports_the_evaluated_map_as_model_index(trained, tmp_path, capsys
 
 def test_evaluate_with_the_faiss_pq_baseline(trained, tmp_path, capsys):
     metrics = tmp_path / "metrics.json"
-    status, out, _ = run_cli(["evaluate", str(trained), "--baseline", "pq", "--train-size", "256", "--top-k", "50",
-                              "--output", str(metrics), "--no-progress"], capsys)  # fmt: skip
+    status, out, _ = run_cli(["evaluate", str(trained), "--baseline", "pq", "--train-size", "256", "--map-k",
+                              "50", "--output", str(metrics), "--no-progress"], capsys)  # fmt: skip
     assert status == 0
     result = json.loads(metrics.read_text())
     assert "differ from the ones recorded" in out  # new split options: a different training split, on purpose
@@ -298,8 +308,8 @@ def test_unlabelled_image_folder_is_indexed_with_its_paths(trained, tmp_path, ca
     sidecar = json.loads(index_path.with_suffix(".meta.json").read_text())
     assert sidecar["labels"] is None and sidecar["data"]["source"] == str(folder)
     assert sorted(Path(path).name for path in sidecar["paths"]) == [f"item_{n:02d}.png" for n in range(12)]
-    status, out, _ = run_cli(["search", str(index_path), "--image", str(folder / "item_03.png"), "--top-k", "3",
-                              "--grid", str(tmp_path / "grid.png")], capsys)  # fmt: skip
+    status, out, _ = run_cli(["search", str(index_path), "--image", str(folder / "item_03.png"), "--top-k",
+                              "3", "--grid", str(tmp_path / "grid.png")], capsys)  # fmt: skip
     assert status == 0
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+\s+-?\d", line)]
     assert len(rows) == 3 and all(row[3] == "-" and row[4].startswith(str(folder)) for row in rows)
@@ -309,7 +319,8 @@ def test_unlabelled_image_folder_is_indexed_with_its_paths(trained, tmp_path, ca
 def test_encode_matches_the_model_and_stores_ids_and_labels(trained, tmp_path, capsys):
     output = tmp_path / "codes.safetensors"
     status, out, _ = run_cli(["encode", str(trained), "--dataset", "fashion-mnist", "--split", "test",
-                              "--limit", "48", "--output", str(output), "--embeddings", "--no-progress"], capsys)  # fmt: skip
+                              "--limit", "48", "--output", str(output), "--embeddings", "--no-progress"],
+                             capsys)  # fmt: skip
     assert status == 0 and "Encoded 48 images" in out
     with safe_open(output, framework="pt") as file:
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
@@ -363,9 +374,10 @@ def _bad_runs(config_file: Path, tmp_path: Path) -> dict[str, tuple[list[str], s
     }
 
 
-@pytest.mark.parametrize("case", ["missing dataset", "misspelt --set key", "unknown --set key", "unknown section",
-                                  "wrong value type", "bits not whole bytes", "config file suffix",
-                                  "model folder without config", "missing model folder", "missing index"])  # fmt: skip
+@pytest.mark.parametrize("case", ["missing dataset", "misspelt --set key", "unknown --set key",
+                                  "unknown section", "wrong value type", "bits not whole bytes",
+                                  "config file suffix", "model folder without config", "missing model folder",
+                                  "missing index"])  # fmt: skip
 def test_bad_input_prints_one_line_and_exits_2(case, config_file, tmp_path, capsys):
     argv, message = _bad_runs(config_file, tmp_path)[case]
     status, _, err = run_cli(argv, capsys)
@@ -386,6 +398,14 @@ def test_errors_that_need_a_trained_model(trained, config_file, tmp_path, capsys
     assert status == 2 and "does not exist" in err
     status, _, err = run_cli(["train", "--config", str(config_file), "--output-dir", str(trained)], capsys)
     assert status == 2 and "--resume" in err  # the folder already holds a run
+    status, _, err = run_cli(["evaluate", str(trained), "--map-k", "0", "--no-progress"], capsys)
+    assert status == 2 and "--map-k" in err
+    (copy / "run_record.json").unlink()
+    status, _, err = run_cli(["card", str(copy)], capsys)
+    assert status == 2 and "has no run record" in err and "--metrics" in err
+    with pytest.raises(SystemExit) as exited:  # --top-k is the number of search results, not K of mAP@K
+        cli.main(["evaluate", str(trained), "--top-k", "10"])
+    assert exited.value.code == 2
 
 
 def test_debug_shows_the_exception_and_argparse_rejects_conflicting_flags(config_file, tmp_path):
@@ -404,8 +424,8 @@ def test_push_model_with_metrics_and_push_index(trained, tmp_path, local_hub, ca
     from huggingface_hub import HfApi, hf_hub_download
 
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"metrics": {"map@100": 0.4321}, "dataset": {"name": "fashion-mnist",
-                                   "query_split": "query", "num_queries": 20, "num_database": 360}}))  # fmt: skip
+    dataset = {"name": "fashion-mnist", "query_split": "query", "num_queries": 20, "num_database": 360}
+    metrics.write_text(json.dumps({"metrics": {"map@100": 0.4321}, "dataset": dataset}))
     repo_id = "mecoq-tests/cli-model"
     status, out, _ = run_cli(
         ["push", str(trained), repo_id, "--metrics", str(metrics), "--token", "hf_cli"], capsys
@@ -440,8 +460,8 @@ def test_cifar10_example_explains_itself_and_fails_clearly_offline(tmp_path):
     help_run = subprocess.run([sys.executable, script, "--help"], check=False, capture_output=True, text=True,
                               env=_subprocess_env(), timeout=300)  # fmt: skip
     assert help_run.returncode == 0 and "--vgg-weights" in help_run.stdout and "--protocol" in help_run.stdout
-    offline = subprocess.run([sys.executable, script, "--output-dir", str(tmp_path)], check=False, capture_output=True,
-                             text=True, env=_subprocess_env(), timeout=300)  # fmt: skip
+    offline = subprocess.run([sys.executable, script, "--output-dir", str(tmp_path)], check=False,
+                             capture_output=True, text=True, env=_subprocess_env(), timeout=300)  # fmt: skip
     assert offline.returncode == 2
     assert "Hub is switched off" in offline.stderr and "--data DIR" in offline.stderr
     assert "--vgg-weights PATH" in offline.stderr and "Traceback" not in offline.stderr
@@ -479,15 +499,15 @@ def test_accelerate_launch_two_cpu_processes_synchronise(tmp_path, config_file):
 def test_fashion_mnist_and_retrieval_examples_run(tmp_path, capsys):
     run = tmp_path / "fmnist"
     train = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_fashion_mnist.py"), "--output-dir", str(run), "--limit",
-         "300", "--num-query", "20", "--num-validation", "20", "--train-size", "64", "--image-size", "32",
-         "--epochs", "1", "--no-progress"],
+        [sys.executable, str(ROOT / "examples" / "train_fashion_mnist.py"), "--output-dir", str(run),
+         "--limit", "300", "--num-query", "20", "--num-validation", "20", "--train-size", "64",
+         "--image-size", "32", "--epochs", "1", "--no-progress"],
         check=False, capture_output=True, text=True, env=_subprocess_env(), timeout=900,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-4000:]
     match = re.search(r"test mAP@1000 \(32 bits\): (0\.\d{4})", train.stdout)
     assert match, train.stdout
-    status, out, _ = run_cli(["evaluate", str(run), "--top-k", "1000", "--no-progress"], capsys)
+    status, out, _ = run_cli(["evaluate", str(run), "--map-k", "1000", "--no-progress"], capsys)
     assert status == 0 and re.search(rf"MeCoQ\s+{match.group(1)}", out)  # the example recorded its splits
     search = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "retrieval.py"), str(run), "--limit", "300", "--top-k", "3"],

@@ -370,14 +370,14 @@ RUN_RECORD = {
         "transformers_version": "5.24.0",
     },
     "training_args": {
-        "epochs": 5,
+        "num_epochs": 5,
         "batch_size": 64,
-        "lr": 0.01,
-        "output_dir": "runs/x",
-        "hub_token": "secret",
-        "logging_steps": 10,
+        "learning_rate": 0.01,
+        "output_dir": "runs/secret",
+        "report_to": ["tensorboard"],
+        "log_every_steps": 10,
     },
-    "training_args_defaults": {"epochs": 50, "batch_size": 128, "lr": 0.01},
+    "training_args_defaults": {"num_epochs": 50, "batch_size": 128, "learning_rate": 0.01},
     "metrics": {"fashion_mnist_map@1000": 0.712345, "fashion_mnist_map@100": 0.8, "train_loss": 1.5},
     "dataset": {
         "name": "Fashion-MNIST",
@@ -414,7 +414,7 @@ def rendered_card() -> ModelCard:
         "Trained on **Fashion-MNIST** (`zalando-datasets/fashion_mnist`), split `train`, 5000 images.",
         "| `temperature` | `0.3` |",
         "| `num_codebooks` | `2` |",
-        "| `epochs` | `5` |",
+        "| `num_epochs` | `5` |",
         "| Fashion-MNIST | test | num_queries: 500; num_database: 5000 | 8bits-M2-K16-asymmetric "
         "| mAP@1000 (8 bits) | 0.7123 |",
         "The weights in this repository are released under `apache-2.0`.",
@@ -429,19 +429,19 @@ def test_card_renders_the_expected_text(rendered_card, expected):
 @pytest.mark.parametrize(
     "absent",
     [
-        "| `lr` |",
+        "| `learning_rate` |",
         "| `codebook_size` | `256` |",
         "output_dir",
-        "hub_token",
         "secret",
-        "logging_steps",
+        "report_to",
+        "log_every_steps",
         "train_loss",
         "More Information Needed",
         "None",
     ],
 )
 def test_card_omits_defaults_plumbing_and_filler(rendered_card, absent):
-    # lr equals its recorded default; plumbing arguments and non-mAP metrics never reach the card
+    # learning_rate equals its recorded default; plumbing arguments and non-mAP metrics never reach the card
     assert absent not in str(rendered_card)
 
 
@@ -478,7 +478,7 @@ def test_card_turns_unknown_facts_into_html_comments():
 
 
 def test_card_from_a_training_loop_run_record():
-    # The shape `mecoq_hf.training.trainer.run_record` writes: validation mAP of the kept checkpoint, all arguments.
+    # The shape `RunFolder.write_run_record` writes: validation mAP of the kept checkpoint, all arguments.
     config = MeCoQConfig(**TINY).to_dict()
     record = {
         "config": config,

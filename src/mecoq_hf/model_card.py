@@ -22,49 +22,11 @@ from typing import Any
 from huggingface_hub import CardData, EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
+from .training.arguments import TrainingArguments
+
 PAPER_TITLE = "Contrastive Quantization with Code Memory for Unsupervised Image Retrieval"
 PAPER_ARXIV_ID = "2109.05205"
 TEMPLATE_NAME = "model_card_template.md"
-# Training arguments that are plumbing, not hyperparameters: never shown on the card.
-PLUMBING_ARGS = frozenset(
-    [
-        "output_dir",
-        "logging_dir",
-        "overwrite_output_dir",
-        "project_dir",
-        "cache_dir",
-        "data_dir",
-        "run_name",
-        "push_to_hub",
-        "hub_model_id",
-        "hub_token",
-        "hub_private_repo",
-        "hub_strategy",
-        "token",
-        "report_to",
-        "logging_steps",
-        "logging_strategy",
-        "logging_first_step",
-        "save_steps",
-        "save_strategy",
-        "save_total_limit",
-        "checkpointing_steps",
-        "resume_from_checkpoint",
-        "with_tracking",
-        "disable_tqdm",
-        "num_workers",
-        "dataloader_num_workers",
-        "dataloader_pin_memory",
-        "cpu",
-        "device",
-        "progress_bar",
-        "log_every_steps",
-        "keep_checkpoints",
-        "checkpoint_every_steps",
-        "resume",
-        "on_bad_image",
-    ]
-)
 # Dataset keys that describe the evaluation protocol (they go to `dataset_args` in the model-index).
 PROTOCOL_KEYS = ("protocol", "database_split", "num_queries", "num_database", "relevance")
 UNRECORDED_DATASET = "unrecorded dataset"
@@ -216,10 +178,12 @@ def _config_changes(config: dict[str, Any]) -> dict[str, Any]:
 def _training_changes(
     training_args: dict[str, Any] | None, defaults: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Training arguments that differ from `defaults` (all when no defaults were recorded), minus plumbing."""
+    """Training arguments that differ from `defaults` (all when no defaults were recorded), minus plumbing
+    (the `TrainingArguments` fields marked as such: folders, logging, workers, checkpoint cadence)."""
+    plumbing = TrainingArguments.plumbing_names()
     changes = {}
     for key, value in (training_args or {}).items():
-        if key in PLUMBING_ARGS or key.startswith(("hub_", "logging_")):
+        if key in plumbing:
             continue
         if defaults is None or key not in defaults or defaults[key] != value:
             changes[key] = value

@@ -7,9 +7,9 @@
     mecoq encode runs/fmnist --dataset ./my_images --output codes.safetensors
     mecoq push runs/fmnist user/mecoq-fmnist --metrics metrics.json
 
-This module parses arguments, resolves the train settings (preset < config file < flags < --set), shows
-progress and prints results; the work is done by `training`, `splits` (the recorded `splits.json` of a run),
-`data`, `encoding`, `evaluation`, `index` (and its sidecar), `baselines`, `visualization` and `hub`.
+Each command is thin: flags -> one or a few library calls -> printed results. The work is done by `training`
+(run settings, a run folder's records, the loop, the final evaluation), `data`, `encoding`, `retrieval` (the
+code index and its sidecar), `visualization` and `hub`.
 
 Multi-process: `accelerate launch [launch flags] -m mecoq_hf.cli train ...` (or `$(which mecoq)` in place of
 `-m mecoq_hf.cli`); see `configs/accelerate/README.md`. Bad input prints one line `mecoq <command>: error:

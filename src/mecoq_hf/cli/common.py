@@ -1,4 +1,4 @@
-"""What the `mecoq` commands share: argument groups, the launch's Accelerator, loading a model and its images."""
+"""What the `mecoq` commands share: argument groups, the launch's Accelerator, a model and its images."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..data.sources import DataSource
-from ..data.splits import PROTOCOLS
+from ..data.splits import PROTOCOLS, SplitDefinition
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -18,6 +18,23 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 Handler = Callable[[argparse.Namespace], int]  # a command: parsed arguments -> exit status
+DATA_FLAGS = {  # data setting (`SplitDefinition` field) -> flag, of `mecoq train` and `mecoq evaluate`
+    "source": "dataset",
+    "split": "split",
+    "limit": "limit",
+    "image_column": "image_column",
+    "label_column": "label_column",
+    "protocol": "protocol",
+    "num_train": "train_size",
+    "num_query": "num_query",
+    "num_validation": "num_validation",
+    "seed": "seed",
+}
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """setting -> value of the flags (setting -> flag name) that were given; None means not given."""
+    return {key: getattr(args, flag) for key, flag in flags.items() if getattr(args, flag) is not None}
 
 
 def _say(accelerator: Accelerator | None, message: str) -> None:
@@ -34,7 +51,7 @@ def _finish(accelerator: Accelerator) -> None:
 def _accelerator() -> Accelerator:
     """The Accelerator of the current launch (one process under plain `mecoq`), built as for training so
     that several processes on a CPU-only machine are joined over gloo; it logs nothing and saves no state."""
-    from ..training.trainer import TrainingArguments, build_accelerator
+    from ..training import TrainingArguments, build_accelerator
 
     return build_accelerator(TrainingArguments(output_dir=os.getcwd(), report_to=[]))
 
@@ -79,13 +96,19 @@ def _data_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def _split_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("splits (query / validation / database / train)")
-    group.add_argument("--protocol", choices=PROTOCOLS, help="how to split (default: random, per class)")
-    group.add_argument("--num-query", type=int, metavar="N", help="query (test) images (default 1000)")
+    defaults = SplitDefinition  # the defaults of the data settings are SplitDefinition's
+    group.add_argument(
+        "--protocol", choices=PROTOCOLS, help=f"how to split (default: {defaults.protocol}, per class)"
+    )
+    group.add_argument(
+        "--num-query", type=int, metavar="N", help=f"query (test) images (default {defaults.num_query})"
+    )
     group.add_argument(
         "--num-validation",
         type=int,
         metavar="N",
-        help="validation queries for model selection, disjoint from the queries (default 1000; 0: none)",
+        help="validation queries for model selection, disjoint from the queries (default "
+        f"{defaults.num_validation}; 0: none)",
     )
     group.add_argument(
         "--train-size",
@@ -94,7 +117,9 @@ def _split_options(parser: argparse.ArgumentParser) -> None:
         help="training images, drawn from the database (default: the whole database)",
     )
     group.add_argument(
-        "--seed", type=int, help="seed of the split draw (and, for train, of training; default 2021)"
+        "--seed",
+        type=int,
+        help=f"seed of the split draw (and, for train, of training; default {defaults.seed})",
     )
 
 

@@ -6,24 +6,21 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..file_io import read_json, write_atomic
+from ..file_io import write_atomic
 from .common import _subparser
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from ..hub import push_model_to_hub
+    from ..training import RunFolder
 
     folder = Path(args.model)
     if not folder.is_dir():
         raise FileNotFoundError(f"Model folder {folder} does not exist.")
-    record_path = folder / "run_record.json"
-    run_record = read_json(record_path, "Run record") if record_path.is_file() else None
-    if args.metrics:
-        run_record = _with_evaluation(run_record, folder, Path(args.metrics))
     commit = push_model_to_hub(
         folder,
         args.repo_id,
-        run_record=run_record,
+        run_record=RunFolder(folder).card_record(args.metrics),
         token=args.token,
         private=args.private,
         revision=args.revision,
@@ -35,36 +32,19 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_card(args: argparse.Namespace) -> int:
     from ..model_card import build_model_card
+    from ..training import RunFolder
 
-    folder = Path(args.model)
-    record_path = folder / "run_record.json"
-    if not record_path.is_file():
+    run = RunFolder(args.model)
+    record = run.card_record(args.metrics)
+    if record is None:
         raise FileNotFoundError(
-            f"{record_path} does not exist: `mecoq card` needs a folder written by mecoq train."
+            f"{run.path} has no run record: `mecoq card` needs a folder written by mecoq train, or --metrics."
         )
-    run_record = read_json(record_path, "Run record")
-    if args.metrics:
-        run_record = _with_evaluation(run_record, folder, Path(args.metrics))
-    output = Path(args.output) if args.output else folder / "README.md"
-    card = build_model_card(run_record, repo_id=args.repo_id)
+    output = Path(args.output) if args.output else run.path / "README.md"
+    card = build_model_card(record, repo_id=args.repo_id)
     write_atomic(output, lambda name: card.save(name))
     print(f"Model card written to {output}")
     return 0
-
-
-def _with_evaluation(run_record: dict[str, Any] | None, folder: Path, metrics_path: Path) -> dict[str, Any]:
-    """Merge a `mecoq evaluate --output` file into the run record, so the card reports the test mAP."""
-    if not metrics_path.is_file():
-        raise FileNotFoundError(
-            f"Metrics file {metrics_path} does not exist (write it with mecoq evaluate --output)."
-        )
-    evaluation = read_json(metrics_path, "Metrics file")
-    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("metrics"), dict):
-        raise TypeError(f"{metrics_path} is not a `mecoq evaluate --output` file (no 'metrics' mapping).")
-    record = dict(run_record or {"config": read_json(folder / "config.json", "Model config")})
-    record["metrics"] = {**(record.get("metrics") or {}), **evaluation["metrics"]}
-    record["eval_datasets"] = {**(record.get("eval_datasets") or {}), "": evaluation.get("dataset") or {}}
-    return record
 
 
 def cmd_push_index(args: argparse.Namespace) -> int:
@@ -102,8 +82,8 @@ def _hub_parsers(commands: Any) -> None:
         "card",
         cmd_card,
         "write the model card of a model folder",
-        "Render the model card (what MeCoQ is, backbone and weights licence, bits, hyperparameters, mAP results\n"
-        "as model-index entries) from run_record.json, by default into MODEL_DIR/README.md.",
+        "Render the model card (what MeCoQ is, backbone and weights licence, bits, hyperparameters, mAP\n"
+        "results as model-index entries) from run_record.json, by default into MODEL_DIR/README.md.",
     )
     card.add_argument("model", metavar="MODEL_DIR")
     card.add_argument(

@@ -1,75 +1,63 @@
-"""`mecoq train`."""
+"""`mecoq train`: flags -> run settings -> recorded splits -> `training.train_on_splits` -> a model folder."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.splits import SPLITS_FILE, SplitDefinition
-from ..file_io import read_json, write_json
-from .common import _data_options, _say, _split_options, _subparser
-from .settings import resolve_train_settings
+from .common import DATA_FLAGS, _data_options, _given, _say, _split_options, _subparser
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    from ..training import RunSettings
+
+TRAIN_FLAGS = {  # section -> {setting -> flag} of `mecoq train`
+    "model": {"image_size": "image_size", "num_codebooks": "num_codebooks", "embedding_dim": "embedding_dim"},
+    "training": {
+        "output_dir": "output_dir",
+        "num_epochs": "epochs",
+        "batch_size": "batch_size",
+        "learning_rate": "learning_rate",
+        "seed": "seed",
+        "max_steps": "max_steps",
+        "mixed_precision": "mixed_precision",
+    },
+    "data": DATA_FLAGS,
+}
+
+
+def settings_from_flags(args: argparse.Namespace) -> RunSettings:
+    """The run settings of parsed `mecoq train` arguments: preset < --config file < flags < --set."""
+    from ..training import resolve_run_settings
+
+    overrides = {section: _given(args, flags) for section, flags in TRAIN_FLAGS.items()}
+    if args.resume:
+        overrides["training"]["resume"] = True
+    if args.no_progress:
+        overrides["training"]["progress_bar"] = False
+    return resolve_run_settings(args.preset, args.config, overrides, args.set or (), args.bits)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..training.trainer import build_accelerator, list_checkpoints, train
+    from ..training import RunFolder, build_accelerator, train_on_splits
 
-    config, training_args, definition = resolve_train_settings(args)
-    output_dir = Path(training_args.output_dir)
-    if not training_args.resume and list_checkpoints(output_dir):
-        raise ValueError(
-            f"{output_dir} already holds a training run (checkpoints/). Pass --resume to continue "
-            "it, or choose another --output-dir."
-        )
+    config, training_args, definition = settings_from_flags(args)
     accelerator = build_accelerator(training_args)
-    with accelerator.main_process_first():
-        splits = definition.build()
-    if training_args.resume and (output_dir / SPLITS_FILE).is_file():
-        _, record = SplitDefinition.read(output_dir / SPLITS_FILE)
-        fix = "Resume with the data options of the first run, or train into a new --output-dir."
-        definition.check_against(splits, record, fix)
-    if accelerator.is_main_process:
-        definition.save(splits, output_dir)
+    run = RunFolder(training_args.output_dir)
+    splits = run.record_splits(definition, accelerator, resume=training_args.resume)
     _say(accelerator, f"Data: {definition.describe(splits)}.")
     _say(
         accelerator,
         f"Model: {config.backbone}, {config.bits} bits (M={config.num_codebooks} x K="
         f"{config.codebook_size}, d={config.embedding_dim}); {accelerator.num_processes} process(es).",
     )
-    validation = splits["validation"] if len(splits["validation"]) else None
-    database = splits["database"] if validation is not None else None
-    result = train(config, training_args, splits["train"], validation, database, accelerator=accelerator)
-    if accelerator.is_main_process:
-        _annotate_run_record(output_dir, definition, splits)
-        selected = (
-            f"best validation mAP@{training_args.top_k} {result.best_metric:.4f} at epoch {result.best_epoch}"
-            if result.best_metric is not None
-            else "no validation mAP was computed: the last model is kept"
-        )
-        _say(
-            accelerator,
-            f"Trained model saved to {output_dir} ({selected}).\nNext: mecoq evaluate {output_dir}",
-        )
+    result = train_on_splits(config, training_args, splits, accelerator=accelerator)
+    selected = (
+        f"best validation mAP@{training_args.top_k} {result.best_metric:.4f} at epoch {result.best_epoch}"
+        if result.best_metric is not None
+        else "no validation mAP was computed: the last model is kept"
+    )
+    _say(accelerator, f"Trained model saved to {run.path} ({selected}).\nNext: mecoq evaluate {run.path}")
     return 0
-
-
-def _annotate_run_record(output_dir: Path, definition: SplitDefinition, splits: DatasetDict) -> None:
-    """Add the data description to `run_record.json`, for the model card."""
-    path = output_dir / "run_record.json"
-    if not path.is_file():
-        return
-    record = read_json(path, "Run record")
-    dataset = record.setdefault("dataset", {})
-    dataset.update(name=definition.name, train_split="train", protocol=definition.describe(splits))
-    if definition.hub_id:
-        dataset["id"] = definition.hub_id
-    if definition.source == "fashion-mnist":
-        dataset["license"] = "mit"  # Zalando Research's Fashion-MNIST
-    write_json(path, record)
 
 
 def _train_parser(commands: Any) -> None:
@@ -79,10 +67,12 @@ def _train_parser(commands: Any) -> None:
         cmd_train,
         "train a MeCoQ model",
         (
-            "Train MeCoQ on a dataset split into query / validation / database / train; the output folder becomes a\n"
-            "model folder (config.json, model.safetensors, codebooks.safetensors, splits.json, run_record.json).\n"
-            "Settings: preset < --config file (sections model:, training:, data:) < flags < --set.\n\n"
-            "Multi-process: accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml -m mecoq_hf.cli train ..."
+            "Train MeCoQ on a dataset split into query / validation / database / train; the output folder\n"
+            "becomes a model folder (config.json, model.safetensors, codebooks.safetensors, splits.json,\n"
+            "run_record.json). Settings: preset < --config file (sections model:, training:, data:) < flags\n"
+            "< --set.\n\n"
+            "Multi-process: accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml \\\n"
+            "    -m mecoq_hf.cli train ..."
         ),
     )
     parser.add_argument("--config", metavar="FILE", help="run config, .json or .yaml")
@@ -98,7 +88,9 @@ def _train_parser(commands: Any) -> None:
     )
     size = model.add_mutually_exclusive_group()
     size.add_argument(
-        "--bits", type=int, help="code length: M = bits / 8 codebooks of K = 256 (keeps D = d / M)"
+        "--bits",
+        type=int,
+        help="code length: M = bits / log2(K) codebooks (K = 256: bits / 8; keeps D = d / M)",
     )
     size.add_argument("--num-codebooks", type=int, metavar="M", help="number of codebooks M")
     model.add_argument("--embedding-dim", type=int, metavar="D", help="embedding width d (a multiple of M)")
@@ -123,3 +115,6 @@ def _train_parser(commands: Any) -> None:
     )
     _data_options(parser, required=False)
     _split_options(parser)
+
+
+__all__ = ["settings_from_flags"]

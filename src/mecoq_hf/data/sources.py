@@ -52,6 +52,8 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+# Licences of the named sources (Hub-style ids), for model cards: Zalando Research's Fashion-MNIST is MIT.
+KNOWN_LICENSES = {"fashion-mnist": "mit"}
 BadImagePolicy = Literal["raise", "skip"]
 _IDX_UINT8 = 0x08  # idx dtype code of unsigned bytes (the only one Fashion-MNIST uses)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
@@ -401,6 +403,11 @@ class DataSource:
         """The Hub dataset id when the source is one (neither "fashion-mnist" nor a local path), else None."""
         return None if self.source == "fashion-mnist" or os.path.isabs(self.source) else self.source
 
+    @property
+    def license(self) -> str | None:
+        """The licence id of the source's images where it is known (`KNOWN_LICENSES`), else None."""
+        return KNOWN_LICENSES.get(self.source)
+
     def load(self) -> Dataset:
         """The images in the normal form of this module (`image`, `label`/`labels`, `index`)."""
         names = self.split.split("+") if self.split else [None]
@@ -457,6 +464,7 @@ def class_names(dataset: Dataset) -> list[str] | None:
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
+    "KNOWN_LICENSES",
     "BadImageError",
     "DataSource",
     "check_images",

@@ -1,1 +1,27 @@
-"""Training MeCoQ with Accelerate (`trainer`)."""
+"""Training MeCoQ with Accelerate, and the records and final test of a training run.
+
+- `arguments`: `TrainingArguments`, the optimisation and run settings;
+- `settings`: `resolve_run_settings`, preset < config file < overrides < `key=value`, into the config objects;
+- `run_folder`: `RunFolder`, the one owner of a run's records, and `EvaluationReport` (`metrics.json`);
+- `trainer`: `train` / `train_on_splits`, the loop; `optimization`, `checkpoints` and `validation` its parts;
+- `run_evaluation`: `evaluate_run`, mAP@K of the trained model on its query split, next to a baseline.
+"""
+
+from .arguments import TrainingArguments
+from .run_evaluation import evaluate_run
+from .run_folder import EvaluationReport, RunFolder
+from .settings import RunSettings, resolve_run_settings
+from .trainer import TrainingResult, build_accelerator, train, train_on_splits
+
+__all__ = [
+    "EvaluationReport",
+    "RunFolder",
+    "RunSettings",
+    "TrainingArguments",
+    "TrainingResult",
+    "build_accelerator",
+    "evaluate_run",
+    "resolve_run_settings",
+    "train",
+    "train_on_splits",
+]

@@ -79,6 +79,22 @@ for _name, (_m, _d, _tau, _lam, _rho, _start, _fc) in _SCRIPT_ROWS.items():
 # How query embeddings are scored against database codes; the one definition (retrieval reads it from here).
 DISTANCES = ("asymmetric", "symmetric")
 
+
+def num_codebooks_for_bits(bits: int, codebook_size: int) -> int:
+    """M, the number of codebooks of K = `codebook_size` codewords that makes codes of `bits` bits.
+
+    Raises:
+        ValueError: `bits` is not a positive multiple of log2(K) (K must be a power of two).
+    """
+    per_codebook = math.log2(codebook_size) if codebook_size >= 2 else 0.0
+    if bits < 1 or not per_codebook.is_integer() or per_codebook == 0 or bits % per_codebook:
+        raise ValueError(
+            f"{bits} bits is not a multiple of log2(K) = {per_codebook:g} bits per codebook (K = "
+            f"{codebook_size}); use e.g. 16, 32 or 64 bits with K = 256."
+        )
+    return bits // int(per_codebook)
+
+
 _CHOICES = {
     "loss_mode": ("debias", "simple"),
     "contrastive_reduction": ("per_anchor", "broadcast"),
@@ -192,13 +208,18 @@ class MeCoQConfig(PreTrainedConfig):
         """D = d / M, the width of each sub-vector and codeword."""
         return self.embedding_dim // self.num_codebooks
 
+    @staticmethod
+    def preset_settings(name: str) -> dict[str, Any]:
+        """The settings of a named preset (a copy); `ValueError` naming the known ones if it is unknown."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(sorted(PRESETS))}.")
+        return dict(PRESETS[name])
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MeCoQConfig":
         """Build a config from a named preset (`official`, `paper`, or a reference-script row such as
         `cifar10-i-32`), with keyword overrides applied on top."""
-        if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(sorted(PRESETS))}.")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**cls.preset_settings(name), **overrides})
 
     def validate_architecture(self) -> None:
         """Cross-field checks run by `@strict` at construction."""
@@ -247,4 +268,4 @@ class MeCoQConfig(PreTrainedConfig):
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}.")
 
 
-__all__ = ["DISTANCES", "PRESETS", "MeCoQConfig"]
+__all__ = ["DISTANCES", "PRESETS", "MeCoQConfig", "num_codebooks_for_bits"]

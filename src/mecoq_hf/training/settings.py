@@ -1,0 +1,213 @@
+"""Run settings: a preset < a config file < overrides < `key=value` assignments, resolved into config objects.
+
+A run has three sections of settings: `model` (`MeCoQConfig` fields), `training` (`TrainingArguments`) and
+`data` (`SplitDefinition`). `resolve_run_settings` layers them as plain dicts, in this order:
+
+1. a named `MeCoQConfig` preset (model settings only), given directly or as `preset:` in the file;
+2. a `.json`/`.yaml` config file with optional `model:`, `training:` and `data:` sections;
+3. `overrides`, by section (what `mecoq train`'s flags set), and `bits` (M = bits / log2(K) codebooks);
+4. `assignments`, `[section.]key=value` strings parsed as YAML (`mecoq train --set`).
+
+Keys are checked against the fields of their section (with a suggestion for a misspelt one); numbers written
+as strings (YAML 1.1 reads `5e-2` as a string) become numbers. Defaults are the config objects' own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..data.splits import SplitDefinition
+from ..file_io import read_json
+from ..models.mecoq.configuration_mecoq import MeCoQConfig, num_codebooks_for_bits
+from .arguments import TrainingArguments
+
+SECTIONS = ("model", "training", "data")
+
+
+class RunSettings(NamedTuple):
+    """The resolved settings of a run."""
+
+    config: MeCoQConfig
+    training: TrainingArguments
+    data: SplitDefinition
+
+
+def _field_types(section: str) -> dict[str, str]:
+    """Field name -> annotation text of the settings a section accepts."""
+    from transformers import PreTrainedConfig
+
+    if section == "model":
+        base = {item.name for item in dataclasses.fields(PreTrainedConfig)}
+        fields = [item for item in dataclasses.fields(MeCoQConfig) if item.name not in base]
+    else:
+        fields = dataclasses.fields(TrainingArguments if section == "training" else SplitDefinition)
+    return {item.name: str(item.type) for item in fields}
+
+
+def _check_keys(section: str, settings: Mapping[str, Any], known: set[str]) -> None:
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (
+                f" Did you mean {close[0]!r}?"
+                if close
+                else f" Known {section} settings: {', '.join(sorted(known))}."
+            )
+            raise ValueError(f"Unknown {section} setting {key!r}.{hint}")
+
+
+def _coerce(value: Any, annotation: str) -> Any:
+    """Strings from YAML or an assignment into the field's number type ("1e-3" is a string in YAML 1.1)."""
+    if not isinstance(value, str):
+        return value
+    for kind, convert in (("float", float), ("int", int)):
+        if kind in annotation:
+            try:
+                return convert(value)
+            except ValueError:
+                continue
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A `.json`/`.yaml` run config: optional `preset:` plus `model:`, `training:` and `data:` sections.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: a missing file, a wrong suffix or unknown top-level key, or
+            a section that is not a mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    if path.suffix.lower() == ".json":
+        content = read_json(path, "Config file")
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        content = yaml.safe_load(path.read_text())
+    else:
+        raise ValueError(f"Config file {path} must end in .json, .yaml or .yml, got {path.suffix!r}.")
+    content = {} if content is None else content
+    if not isinstance(content, dict):
+        raise TypeError(
+            f"Config file {path} must hold a mapping with sections {SECTIONS} (and optionally preset)."
+        )
+    _check_keys("top-level", content, {"preset", *SECTIONS})
+    for section in SECTIONS:
+        if not isinstance(content.get(section) or {}, dict):
+            raise TypeError(
+                f"Section {section!r} of {path} must be a mapping of settings, got {content[section]!r}."
+            )
+    return content
+
+
+def parse_assignment(text: str) -> tuple[str, str, Any]:
+    """`[section.]key=value` -> (section, key, value); the value is parsed as YAML (numbers, true, null).
+
+    The section may be left out when exactly one section has the key.
+    """
+    import yaml
+
+    key, separator, raw = text.partition("=")
+    if not separator or not key.strip():
+        raise ValueError(f"--set expects key=value (e.g. --set model.temperature=0.3), got {text!r}.")
+    section, _, name = key.strip().rpartition(".")
+    if section and section not in SECTIONS:
+        raise ValueError(f"--set {text!r}: unknown section {section!r}; use one of {SECTIONS}.")
+    if not section:
+        section = _section_of(name, text)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
+def _section_of(name: str, text: str) -> str:
+    owners = [candidate for candidate in SECTIONS if name in _field_types(candidate)]
+    if len(owners) > 1:
+        raise ValueError(f"--set {text!r}: {name!r} exists in {owners}; write e.g. {owners[0]}.{name}=...")
+    if not owners:
+        known = {item for candidate in SECTIONS for item in _field_types(candidate)}
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else " See `mecoq train --help`."
+        raise ValueError(f"--set {text!r}: {name!r} is not a model, training or data setting.{hint}")
+    return owners[0]
+
+
+def _apply_bits(model: dict[str, Any], bits: int, keep_embedding_dim: bool) -> None:
+    """M = bits / log2(K); d follows so that the sub-vector width D = d / M of the settings so far stays,
+    unless `keep_embedding_dim` (d was given next to the bits)."""
+    num_codebooks = num_codebooks_for_bits(bits, model.get("codebook_size", MeCoQConfig.codebook_size))
+    if not keep_embedding_dim:
+        width = model.get("embedding_dim", MeCoQConfig.embedding_dim)
+        subvector_dim = width // model.get("num_codebooks", MeCoQConfig.num_codebooks)
+        model["embedding_dim"] = num_codebooks * subvector_dim
+    model["num_codebooks"] = num_codebooks
+
+
+def resolve_run_settings(
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    assignments: Sequence[str] = (),
+    bits: int | None = None,
+) -> RunSettings:
+    """The settings of a run from a preset < `config_file` < `overrides` (and `bits`) < `assignments`.
+
+    Args:
+        preset: a `MeCoQConfig` preset name; beats the file's `preset:`.
+        config_file: a `.json`/`.yaml` file (see `read_config_file`).
+        overrides: section -> settings, e.g. `{"training": {"num_epochs": 5}, "data": {"source": "x"}}`.
+        assignments: `[section.]key=value` strings, applied last.
+        bits: code length; sets M = bits / log2(K) and keeps the sub-vector width D = d / M, unless
+            `overrides["model"]` sets `embedding_dim`.
+
+    Returns:
+        `RunSettings(config, training, data)`. `training.mixed_precision` defaults to the precision of
+        `accelerate launch --mixed_precision` when that is fp16 or bf16.
+
+    Raises:
+        ValueError, TypeError: unknown presets, sections or keys, bad values, or no output folder or source.
+    """
+    file = read_config_file(config_file) if config_file is not None else {}
+    preset = preset or file.get("preset")
+    sections = {section: dict(file.get(section) or {}) for section in SECTIONS}
+    sections["model"] = {**(MeCoQConfig.preset_settings(preset) if preset else {}), **sections["model"]}
+    for section, values in (overrides or {}).items():
+        if section not in SECTIONS:
+            raise ValueError(f"Unknown settings section {section!r}; use one of {SECTIONS}.")
+        sections[section].update(values)
+    if bits is not None:
+        _apply_bits(sections["model"], bits, "embedding_dim" in ((overrides or {}).get("model") or {}))
+    for assignment in assignments:
+        section, key, value = parse_assignment(assignment)
+        sections[section][key] = value
+    for section, values in sections.items():
+        types = _field_types(section)
+        _check_keys(section, values, set(types))
+        sections[section] = {key: _coerce(value, types[key]) for key, value in values.items()}
+    _require(sections)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
+    if "mixed_precision" not in sections["training"] and launcher_precision in ("fp16", "bf16"):
+        sections["training"]["mixed_precision"] = launcher_precision
+    return RunSettings(
+        MeCoQConfig(**sections["model"]),
+        TrainingArguments(**sections["training"]),
+        SplitDefinition(**sections["data"]),
+    )
+
+
+def _require(sections: dict[str, dict[str, Any]]) -> None:
+    if "output_dir" not in sections["training"]:
+        raise ValueError("No output folder: set training.output_dir (mecoq train: --output-dir DIR).")
+    if "source" not in sections["data"]:
+        raise ValueError("No dataset: set data.source (mecoq train: --dataset SOURCE).")
+
+
+__all__ = ["SECTIONS", "RunSettings", "parse_assignment", "read_config_file", "resolve_run_settings"]

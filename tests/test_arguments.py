@@ -1,0 +1,54 @@
+"""`TrainingArguments`: checks at construction, and plumbing told apart from hyperparameters by the fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mecoq_hf.model_card import build_model_card
+from mecoq_hf.training import TrainingArguments
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"max_steps": 0}, "max_steps must be >= 1 or None, got 0"),
+        ({"cached_views": 1}, "cached_views must be 0 .off. or >= 2"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"memory_pointer": "half"}, "memory_pointer must be one of"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+def test_plumbing_is_marked_on_the_fields():
+    plumbing = TrainingArguments.plumbing_names()
+    assert {
+        "output_dir",
+        "report_to",
+        "progress_bar",
+        "num_workers",
+        "resume",
+        "feature_cache_dir",
+    } <= plumbing
+    hyperparameters = {"num_epochs", "learning_rate", "batch_size", "seed", "top_k", "cached_views"}
+    assert not hyperparameters & plumbing
+    assert plumbing < {item.name for item in dataclasses.fields(TrainingArguments)}
+
+
+def test_model_card_shows_hyperparameters_and_hides_plumbing(tmp_path):
+    args = TrainingArguments(output_dir="runs/secret-folder", num_epochs=3, num_workers=4, report_to=[],
+                             feature_cache_dir="/cache/features", progress_bar=False)  # fmt: skip
+    record = {
+        "training_args": args.to_dict(),
+        "training_args_defaults": TrainingArguments(output_dir=args.output_dir).to_dict(),
+    }
+    text = str(build_model_card(record))
+    assert "| `num_epochs` | `3` |" in text
+    for hidden in ("secret-folder", "num_workers", "report_to", "/cache/features", "progress_bar"):
+        assert hidden not in text, hidden
