@@ -148,3 +148,6 @@ def _subparser(
     parser.set_defaults(handler=handler)
     _debug_option(parser, argparse.SUPPRESS)  # SUPPRESS: a `mecoq --debug cmd` is not reset by the subcommand
     return parser
+
+
+__all__ = ["DATA_FLAGS", "EXIT_USAGE", "Handler"]

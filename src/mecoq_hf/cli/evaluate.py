@@ -112,3 +112,6 @@ def _evaluate_parser(commands: Any) -> None:
     _data_options(parser, required=False)
     _split_options(parser)
     _run_options(parser)
+
+
+__all__ = ["cmd_evaluate"]

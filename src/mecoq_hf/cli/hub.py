@@ -107,3 +107,6 @@ def _hub_parsers(commands: Any) -> None:
     for parser in (push, push_index):
         parser.add_argument("--token", help="Hub token (default: the saved login)")
         parser.add_argument("--private", action="store_true", help="create the repo as private")
+
+
+__all__ = ["cmd_card", "cmd_push", "cmd_push_index"]

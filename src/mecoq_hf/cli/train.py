@@ -117,4 +117,4 @@ def _train_parser(commands: Any) -> None:
     _split_options(parser)
 
 
-__all__ = ["settings_from_flags"]
+__all__ = ["cmd_train", "settings_from_flags"]

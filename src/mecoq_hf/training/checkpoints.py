@@ -88,4 +88,4 @@ def load_latest_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLi
     return state
 
 
-__all__ = ["TrainerState", "list_checkpoints", "load_latest_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINTS_DIR", "TrainerState", "list_checkpoints", "load_latest_checkpoint", "save_checkpoint"]
