@@ -1,7 +1,7 @@
 """Launched by tests/test_training.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU.
 
-Trains a small model on real Fashion-MNIST images and writes, per rank, a digest of the parameters and the code
-memory so the test can check that both processes hold identical state.
+Trains a small model on real Fashion-MNIST images and writes, per rank, a digest of the parameters and the
+code memory so the test can check that both processes hold identical state.
 """
 
 import hashlib
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mecoq_hf import MeCoQConfig
 from mecoq_hf.data.sources import load_fashion_mnist
-from mecoq_hf.training.trainer import TrainingArguments, build_accelerator, train
+from mecoq_hf.training import TrainingArguments, build_accelerator, train
 
 output_dir = Path(sys.argv[1])
 warnings.simplefilter("ignore")
