@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
+from mecoq_hf import MeCoQConfig
+from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.model_card import build_model_card
-from mecoq_hf.training import TrainingArguments
+from mecoq_hf.training import RunFolder, TrainingArguments
+from mecoq_hf.training.checkpoints import TrainerState
 
 
 @pytest.mark.parametrize(
@@ -42,13 +46,20 @@ def test_plumbing_is_marked_on_the_fields():
 
 
 def test_model_card_shows_hyperparameters_and_hides_plumbing(tmp_path):
-    args = TrainingArguments(output_dir="runs/secret-folder", num_epochs=3, num_workers=4, report_to=[],
+    run = RunFolder(tmp_path / "secret-folder")
+    args = TrainingArguments(output_dir=str(run.path), num_epochs=3, num_workers=4, report_to=[],
                              feature_cache_dir="/cache/features", progress_bar=False)  # fmt: skip
-    record = {
-        "training_args": args.to_dict(),
-        "training_args_defaults": TrainingArguments(output_dir=args.output_dir).to_dict(),
-    }
-    text = str(build_model_card(record))
-    assert "| `num_epochs` | `3` |" in text
-    for hidden in ("secret-folder", "num_workers", "report_to", "/cache/features", "progress_bar"):
-        assert hidden not in text, hidden
+    config = MeCoQConfig(
+        backbone="test_efficientnet", backbone_weights=None, embedding_dim=16, num_codebooks=2
+    )
+    run.write_run_record(config, args, TrainerState(), load_fashion_mnist("test", limit=8), num_processes=1,
+                         finished=True)  # fmt: skip
+    record = run.card_record()
+    assert record["training_args_plumbing"] == sorted(TrainingArguments.plumbing_names())
+    old_record = {key: value for key, value in record.items() if key != "training_args_plumbing"}
+    (run.path / "run_record.json").write_text(json.dumps(old_record))  # written before plumbing was listed
+    for card_record in (record, run.card_record()):
+        text = str(build_model_card(card_record))
+        assert "| `num_epochs` | `3` |" in text
+        for hidden in ("secret-folder", "num_workers", "report_to", "/cache/features", "progress_bar"):
+            assert hidden not in text, hidden

@@ -378,6 +378,7 @@ RUN_RECORD = {
         "log_every_steps": 10,
     },
     "training_args_defaults": {"num_epochs": 50, "batch_size": 128, "learning_rate": 0.01},
+    "training_args_plumbing": ["log_every_steps", "output_dir", "report_to"],
     "metrics": {"fashion_mnist_map@1000": 0.712345, "fashion_mnist_map@100": 0.8, "train_loss": 1.5},
     "dataset": {
         "name": "Fashion-MNIST",
@@ -484,6 +485,7 @@ def test_card_from_a_training_loop_run_record():
         "config": config,
         "training_args": {"output_dir": "runs/a", "num_epochs": 3, "batch_size": 32, "progress_bar": False},
         "training_args_defaults": {"num_epochs": 50, "batch_size": 128, "progress_bar": True},
+        "training_args_plumbing": ["output_dir", "progress_bar"],
         "dataset": {"train_size": 600, "info": ""},
         "metrics": {
             "best_validation_map": 0.51234,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,8 +22,6 @@ from typing import Any
 
 from huggingface_hub import CardData, EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index
-
-from .training.arguments import TrainingArguments
 
 PAPER_TITLE = "Contrastive Quantization with Code Memory for Unsupervised Image Retrieval"
 PAPER_ARXIV_ID = "2109.05205"
@@ -84,7 +83,8 @@ class MeCoQModelCardData(CardData):
         - `dataset` keys read: `name`, `id` (Hub dataset id), `license`, `train_split`, `num_train` (or
           `train_size`), `preprocessing`, `query_split`, `database_split`, `num_queries`, `num_database`,
           `protocol`, `relevance`, `distance`. Missing ones become HTML comments on the card.
-        - Optional: `training_args_defaults` (only arguments that differ are shown), `eval_datasets` (metric
+        - Optional: `training_args_defaults` (only arguments that differ are shown), `training_args_plumbing`
+          (names of the arguments that do not change the model, never shown), `eval_datasets` (metric
           prefix -> dataset description, where evaluation data differ from `dataset`), `card` (overrides).
         """
         if not isinstance(run_record, dict):
@@ -103,7 +103,9 @@ class MeCoQModelCardData(CardData):
             config=config,
             config_changes=_config_changes(config),
             training_changes=_training_changes(
-                run_record.get("training_args"), run_record.get("training_args_defaults")
+                run_record.get("training_args"),
+                run_record.get("training_args_defaults"),
+                run_record.get("training_args_plumbing") or (),
             ),
             dataset=dataset,
             versions={str(k): str(v) for k, v in (run_record.get("versions") or {}).items()},
@@ -176,11 +178,11 @@ def _config_changes(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _training_changes(
-    training_args: dict[str, Any] | None, defaults: dict[str, Any] | None
+    training_args: dict[str, Any] | None, defaults: dict[str, Any] | None, plumbing: Iterable[str]
 ) -> dict[str, Any]:
-    """Training arguments that differ from `defaults` (all when no defaults were recorded), minus plumbing
-    (the `TrainingArguments` fields marked as such: folders, logging, workers, checkpoint cadence)."""
-    plumbing = TrainingArguments.plumbing_names()
+    """Training arguments that differ from `defaults` (all when no defaults were recorded), minus `plumbing`
+    (the names the run record lists: the arguments marked as plumbing, such as folders and logging)."""
+    plumbing = set(plumbing)
     changes = {}
     for key, value in (training_args or {}).items():
         if key in plumbing:

@@ -6,8 +6,8 @@
   (`SplitDefinition.record`) plus a one-line description, so evaluation rebuilds exactly these splits;
 - `training_args.json`: every `TrainingArguments` value;
 - `log.jsonl`: one JSON object per line, `{"event": "step", ...}` or `{"event": "epoch", ...}`;
-- `run_record.json`: what a model card needs (config, arguments and their defaults, data facts, the selected
-  model's validation mAP, history, library versions);
+- `run_record.json`: what a model card needs (config, arguments with their defaults and the names of the
+  plumbing ones, data facts, the selected model's validation mAP, history, library versions);
 - `metrics.json`: an `EvaluationReport` (`mecoq evaluate --output`), merged into the card's results.
 
 The model files themselves (`config.json`, `model.safetensors`, ...) are `save_pretrained`'s, and the
@@ -255,6 +255,7 @@ class RunFolder:
             "config_changes": config.to_diff_dict(),
             "training_args": args.to_dict(),
             "training_args_defaults": TrainingArguments(output_dir=args.output_dir).to_dict(),
+            "training_args_plumbing": sorted(TrainingArguments.plumbing_names()),
             "dataset": self._dataset_facts(train_dataset),
             "metrics": {
                 "best_validation_map": state.best_metric,
@@ -320,6 +321,8 @@ class RunFolder:
         record nor a report (a card then has nothing to say beyond the folder's own README).
         """
         record = self.read_run_record()
+        if record is not None and "training_args_plumbing" not in record:  # recorded before it was listed
+            record["training_args_plumbing"] = sorted(TrainingArguments.plumbing_names())
         if metrics is None:
             return record
         report = self.read_metrics(metrics)
