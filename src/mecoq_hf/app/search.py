@@ -1,0 +1,409 @@
+"""What the search page takes from the rest of mecoq-hf, in one place: model, index, images, one search.
+
+Every access of the page to the model, the code index, its sidecar, the data sources and the run records goes
+through this module, so that a change of those APIs is ported here only. Nothing here imports gradio.
+
+- `open_search(model, index, images)` loads the model (folder or Hub id), the index file with its sidecar, and
+  the indexed images (from the source the sidecar records, or `images`), and checks that the index was built
+  with the model's codebooks (`check_index_matches_model`).
+- `SearchEngine.search(image, k)` ranks the index for one query image exactly as `mecoq search` does: the
+  model's eval transform, `model.embed`, `CodeIndex.search`; it returns `Neighbour`s (rank, score, id, label,
+  image).
+- `headline_numbers(model_source, model)` gives the model card's headline: bits, bytes per image and mAP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..data.sources import DataSource, decode_image
+from ..data.transforms import build_eval_transform
+from ..file_io import read_json
+from ..hub import load_model
+from ..retrieval.index import CodeIndex, load_sidecar, sidecar_path
+
+if TYPE_CHECKING:
+    import PIL.Image
+    from datasets import Dataset
+
+    from ..models.mecoq.modeling_mecoq import MeCoQModel
+
+logger = logging.getLogger(__name__)
+RUN_RECORD_FILE = "run_record.json"
+METRICS_FILE = "metrics.json"  # `mecoq evaluate --output`, as the demo writes it into the model folder
+
+
+class IndexModelMismatchError(ValueError):
+    """The index was built with other codebooks than the model that should search it."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One search result: rank (1 = best), score (higher is better), id, label text, image (or None)."""
+
+    rank: int
+    score: float
+    id: int
+    label: str
+    image: PIL.Image.Image | None
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The model card's headline numbers.
+
+    Args:
+        bits: code length, M x log2(K).
+        bytes_per_image: M for K <= 256 (one byte per codebook), else None.
+        num_codebooks / codebook_size: M and K.
+        results: (metric name, dataset, split, value) per recorded retrieval result, test results first.
+    """
+
+    bits: float
+    bytes_per_image: int | None
+    num_codebooks: int
+    codebook_size: int
+    results: list[tuple[str, str, str | None, float]] = field(default_factory=list)
+
+
+# the checks and readers the page shares with `mecoq search`
+
+
+def check_codebooks_match(
+    index_codebooks: torch.Tensor,
+    model_codebooks: torch.Tensor,
+    index_path: str | os.PathLike,
+    model_source: str | os.PathLike,
+) -> None:
+    """Raise `IndexModelMismatchError` unless the (M, K, D) codebooks have one shape and agree to 1e-5.
+
+    The test `mecoq search` makes (cli/index.py's `cmd_search`, which has it inline today).
+    """
+    if model_codebooks.shape != index_codebooks.shape or not torch.allclose(
+        model_codebooks, index_codebooks, atol=1e-5
+    ):
+        raise IndexModelMismatchError(
+            f"{index_path} was built with other codebooks than the model {model_source} "
+            f"(index: {tuple(index_codebooks.shape)}, model: {tuple(model_codebooks.shape)}, M x K x D): "
+            "pass the model the index was built with, or rebuild the index with this model "
+            "(mecoq index build MODEL_DIR ...)."
+        )
+
+
+def check_index_matches_model(
+    index: CodeIndex, model: MeCoQModel, index_path: str | os.PathLike, model_source: str | os.PathLike
+) -> None:
+    """Raise `IndexModelMismatchError` when `index` was not built with `model`'s codebooks."""
+    check_codebooks_match(index.codebooks, model.codebooks(), index_path, model_source)
+
+
+def read_query_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Decode an uploaded file fully; `data.sources.BadImageError` (a ValueError) names the file otherwise."""
+    return decode_image({"bytes": None, "path": str(path)}, Path(path).name)
+
+
+def _label_texts(ids: list[int], sidecar: dict[str, Any] | None) -> list[str] | None:
+    from ..cli.index import _labels_of  # the label text `mecoq search` prints (class names, multi-hot)
+
+    return _labels_of(ids, sidecar)
+
+
+# the engine
+
+
+class SearchEngine:
+    """A model, its code index and, when they could be loaded, the indexed images; built by `open_search`.
+
+    Attributes:
+        model_source: the folder or Hub id the model was loaded from.
+        index_path: the index file.
+        image_problem: why the images cannot be shown (None when they can); results then have no image.
+    """
+
+    def __init__(
+        self,
+        model: MeCoQModel,
+        model_source: str,
+        index: CodeIndex,
+        index_path: Path,
+        sidecar: dict[str, Any] | None,
+        images: Dataset | None,
+        image_problem: str | None,
+    ) -> None:
+        self.model = model
+        self.model_source = model_source
+        self.index = index
+        self.index_path = index_path
+        self.sidecar = sidecar
+        self.image_problem = image_problem
+        self._images = images
+        self._rows = {int(item): row for row, item in enumerate(images["index"])} if images else {}
+        self._transform = build_eval_transform(model.backbone.data_config)
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def distance(self) -> str:
+        return self.index.distance
+
+    def image_of(self, item: int) -> PIL.Image.Image | None:
+        """The indexed image with id `item`, or None when the images are not available or lack that id."""
+        row = self._rows.get(int(item))
+        return None if row is None else self._images[row]["image"]
+
+    def search(self, image: PIL.Image.Image, k: int) -> list[Neighbour]:
+        """The top-`k` items for one query image (fewer when the index holds fewer), best first."""
+        with torch.no_grad():
+            query = self.model.embed(self._transform(image)[None])  # (1, d)
+        scores, ids = self.index.search(query, k=k)  # (1, k) each
+        found = ids[0] >= 0
+        scores_list, ids_list = scores[0][found].tolist(), ids[0][found].tolist()
+        labels = _label_texts(ids_list, self.sidecar) or ["-"] * len(ids_list)
+        return [
+            Neighbour(rank, score, item, label, self.image_of(item))
+            for rank, (item, score, label) in enumerate(zip(ids_list, scores_list, labels), start=1)
+        ]
+
+    def examples(self, count: int) -> list[tuple[int, str, PIL.Image.Image]]:
+        """Up to `count` indexed (id, label, image) triples to start from: one per label, in index order."""
+        if self._images is None or count < 1:
+            return []
+        ids = self.index.ids.tolist()
+        labels = _label_texts(ids, self.sidecar) or [str(item) for item in ids]
+        chosen: dict[str, int] = {}
+        for item, label in zip(ids, labels):
+            if label not in chosen and int(item) in self._rows:
+                chosen[label] = int(item)
+                if len(chosen) == count:
+                    break
+        return [(item, label, self.image_of(item)) for label, item in chosen.items()]
+
+
+def _load_images(
+    sidecar: dict[str, Any] | None, images: str | None, index_path: Path
+) -> tuple[Dataset | None, str | None]:
+    """(the indexed images as a Dataset, None) or (None, why they cannot be loaded, with the fix)."""
+    recorded = (sidecar or {}).get("data")
+    if images is None and not recorded:
+        return None, (
+            f"{index_path} has no {sidecar_path(index_path).name} recording where its images are: pass "
+            "--images SOURCE (the dataset the index was built from) to see them."
+        )
+    fields = dict(recorded or {})
+    if images is not None:
+        fields["source"] = images
+    where = fields.get("source")
+    try:
+        return DataSource(**fields).load(), None
+    except (OSError, ValueError, TypeError) as error:
+        flag = "--images SOURCE (the dataset the index was built from)"
+        fix = f"fix {flag}" if images is not None else f"pass {flag}"
+        return (
+            None,
+            f"The indexed images cannot be loaded from {where!r}: {error} No images are shown; {fix}.",
+        )
+
+
+def open_search(
+    model: str | os.PathLike, index: str | os.PathLike, images: str | None = None
+) -> SearchEngine:
+    """Load a model, its index and the indexed images for searching.
+
+    Args:
+        model: a model folder (written by `mecoq train` / `save_pretrained`) or a Hub id `namespace/name`.
+        index: an index file written by `mecoq index build` (its `.meta.json` sidecar next to it, if any).
+        images: where to load the indexed images from instead of the source the sidecar records (same split,
+            limit and columns); a dataset source as `mecoq index build --dataset` takes it.
+
+    Returns:
+        A `SearchEngine`. When the images cannot be loaded it still searches; `image_problem` says why.
+
+    Raises:
+        FileNotFoundError: the index file does not exist.
+        IndexModelMismatchError: the index was built with other codebooks than the model.
+        ValueError: the model or the index file cannot be read.
+    """
+    index_path = Path(index).expanduser()
+    if not index_path.is_file():
+        raise FileNotFoundError(f"Index file {index_path} does not exist; build it with `mecoq index build`.")
+    code_index = CodeIndex.load(index_path)
+    sidecar = load_sidecar(index_path)
+    loaded = load_model(model)
+    check_index_matches_model(code_index, loaded, index_path, model)
+    dataset, image_problem = _load_images(sidecar, images, index_path)
+    return SearchEngine(loaded, str(model), code_index, index_path, sidecar, dataset, image_problem)
+
+
+# headline numbers
+
+
+def _run_record(model_source: str | os.PathLike, metrics: str | os.PathLike | None) -> dict[str, Any] | None:
+    """A local model folder's run record with its `mecoq evaluate --output` metrics merged in, if any."""
+    from ..cli.hub import _with_evaluation  # the merge `mecoq card --metrics` / `mecoq push --metrics` make
+
+    folder = Path(model_source).expanduser()
+    record_path, metrics_path = folder / RUN_RECORD_FILE, Path(metrics) if metrics else folder / METRICS_FILE
+    record = read_json(record_path, "Run record") if record_path.is_file() else None
+    if metrics is not None or metrics_path.is_file():  # an explicit file must exist; the default may not
+        record = _with_evaluation(record, folder, metrics_path)
+    return record
+
+
+def _card_results(model_source: str | os.PathLike, metrics: str | os.PathLike | None) -> list[Any]:
+    """The `EvalResult`s the model card reports: built from a folder's run record, or read from a Hub card."""
+    from huggingface_hub import ModelCard
+
+    from ..model_card import MeCoQModelCardData
+
+    if Path(model_source).expanduser().is_dir():
+        record = _run_record(model_source, metrics)
+        return MeCoQModelCardData.from_run_record(record).eval_results if record else []
+    try:
+        return ModelCard.load(str(model_source)).data.eval_results or []
+    except (OSError, ValueError) as error:  # no card, or the Hub is not reachable: no numbers to show
+        logger.warning("No model card results for %s: %s", model_source, error)
+        return []
+
+
+def headline_numbers(
+    model_source: str | os.PathLike, model: MeCoQModel, metrics: str | os.PathLike | None = None
+) -> Headline:
+    """Bits, bytes per image and the recorded mAP results of a model, as its model card states them.
+
+    Results come from `metrics` (a `mecoq evaluate --output` file, default `MODEL_DIR/metrics.json`) and
+    `MODEL_DIR/run_record.json` for a folder, from the model card's `model-index` for a Hub id.
+    """
+    num_codebooks, codebook_size = model.config.num_codebooks, model.config.codebook_size
+    bits = num_codebooks * math.log2(codebook_size)
+    results = [
+        (entry.metric_name or entry.metric_type, entry.dataset_name, entry.dataset_split, entry.metric_value)
+        for entry in _card_results(model_source, metrics)
+        if str(entry.metric_type).lower().startswith("map")
+    ]
+    results.sort(key=lambda result: result[2] == "validation")  # test results before model selection's
+    return Headline(
+        bits=int(bits) if bits.is_integer() else round(bits, 2),
+        bytes_per_image=num_codebooks if codebook_size <= 256 else None,
+        num_codebooks=num_codebooks,
+        codebook_size=codebook_size,
+        results=results,
+    )
+
+
+def _describe(ntotal: int, distance: str, sidecar: dict[str, Any] | None) -> str:
+    data = (sidecar or {}).get("data") or {}
+    source = DataSource(**data).name if data.get("source") else "an unrecorded source"
+    split = f" ({data['split']} split)" if data.get("split") else ""
+    return f"{ntotal} images of {source}{split}, {distance} scores"
+
+
+def describe_source(engine: SearchEngine) -> str:
+    """One line on what the index holds: its size, the data source and the scores."""
+    return _describe(engine.ntotal, engine.distance, engine.sidecar)
+
+
+def describe_index_file(index_path: str | os.PathLike) -> str:
+    """`describe_source` for an index file."""
+    index = CodeIndex.load(index_path)
+    return _describe(index.ntotal, index.distance, load_sidecar(index_path))
+
+
+# the index and images of a Space
+
+SPACE_IMAGES_FOLDER = "images"
+
+
+def check_index_matches_hub_model(
+    index_path: str | os.PathLike, model_repo: str, token: str | bool | None
+) -> tuple[int, int]:
+    """Check an index against a model repo's `codebooks.safetensors` (downloaded alone, not the weights).
+
+    Returns:
+        The model's (M, K): codebooks and codewords per codebook.
+    """
+    from ..hub import download_codebooks
+
+    index_path = Path(index_path)
+    if not index_path.is_file():
+        raise FileNotFoundError(f"Index file {index_path} does not exist; build it with `mecoq index build`.")
+    codebooks = download_codebooks(model_repo, token=token)  # (M, K, D)
+    check_codebooks_match(CodeIndex.load(index_path).codebooks, codebooks, index_path, model_repo)
+    return codebooks.shape[0], codebooks.shape[1]
+
+
+def save_indexed_images(index_path: str | os.PathLike, images: str | None, folder: Path) -> dict[str, Any]:
+    """Save the images of an index (only its ids, with their labels) as a `save_to_disk` folder.
+
+    The images come from `images` or the source the sidecar records; image files are embedded, so the folder
+    is self-contained. Returns the `DataSource` fields that reload it (the folder as the source).
+
+    Raises:
+        ValueError: the images cannot be loaded (the message says why and how to fix it).
+    """
+    from datasets.table import embed_table_storage
+
+    index_path = Path(index_path)
+    dataset, problem = _load_images(load_sidecar(index_path), images, index_path)
+    if dataset is None:
+        raise ValueError(problem)
+    wanted = set(CodeIndex.load(index_path).ids.tolist())
+    rows = [row for row, item in enumerate(dataset["index"]) if int(item) in wanted]
+    label = next((name for name in ("labels", "label") if name in dataset.column_names), None)
+    subset = dataset.select(rows).select_columns(["image", "index", *([label] if label else [])])
+    subset = subset.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+    subset.save_to_disk(str(folder))
+    return {"source": folder.name, "split": None, "limit": None, "image_column": "image",
+            "label_column": label}  # fmt: skip
+
+
+def write_index_copy(
+    index_path: str | os.PathLike, folder: Path, *, model: str, data: dict[str, Any] | None
+) -> list[Path]:
+    """Copy an index file into `folder`, its sidecar naming `model` (a Hub id) and `data` (None: as recorded).
+
+    Local image paths are left out of the copy's sidecar: they mean nothing on another machine.
+    """
+    import shutil
+
+    from ..file_io import write_atomic
+    from ..retrieval.index import save_sidecar
+
+    index_path = Path(index_path)
+    target = folder / index_path.name
+    write_atomic(target, lambda name: shutil.copyfile(index_path, name))
+    sidecar = load_sidecar(index_path)
+    if sidecar is None and data is None:
+        return [target]
+    index = CodeIndex.load(target)
+    recorded = sidecar or {}
+    written = save_sidecar(target, model=model, data=data if data is not None else recorded.get("data") or {},
+                           ids=index.ids.tolist(), labels=recorded.get("labels"),
+                           class_names=recorded.get("class_names"))  # fmt: skip
+    return [target, written]
+
+
+__all__ = [
+    "Headline",
+    "IndexModelMismatchError",
+    "Neighbour",
+    "SearchEngine",
+    "check_codebooks_match",
+    "check_index_matches_hub_model",
+    "check_index_matches_model",
+    "describe_index_file",
+    "describe_source",
+    "headline_numbers",
+    "open_search",
+    "read_query_image",
+    "save_indexed_images",
+    "write_index_copy",
+]
