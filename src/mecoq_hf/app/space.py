@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -188,13 +189,15 @@ def push_space(
         try:
             api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private,
                             token=token)  # fmt: skip
-            return api.create_commit(
-                space_id,
-                operations,
-                commit_message=commit_message or f"Search page of {model_repo} with mecoq-hf",
-                repo_type="space",
-                token=token,
-            )
+            with warnings.catch_warnings():  # bundled images are data files in a Space on purpose
+                warnings.filterwarnings("ignore", message=".*commit a data file.*space repository")
+                return api.create_commit(
+                    space_id,
+                    operations,
+                    commit_message=commit_message or f"Search page of {model_repo} with mecoq-hf",
+                    repo_type="space",
+                    token=token,
+                )
         except (HfHubHTTPError, _TransportError) as error:
             raise HubUploadError(
                 f"Could not push the Space {space_id!r} to {api.endpoint}: {type(error).__name__}: "
