@@ -336,6 +336,9 @@ def test_write_space_writes_a_gradio_space_for_the_model_repo(index_path, tmp_pa
     sidecar = json.loads((folder / "index.meta.json").read_text())
     assert sidecar["model"] == "local-user/tiny-mecoq" and sidecar["paths"] is None
     assert (folder / "index.safetensors").read_bytes() == index_path.read_bytes()
+    # without --images / --bundle-images the Space would look for the images on this machine: a warning
+    assert cli.main(argv[:-2] + ["--output-dir", str(tmp_path / "space2")]) == 0
+    assert "images come from 'fashion-mnist', which a Space does not have" in capsys.readouterr().err
     # a local folder is not a repo a Space can link
     assert cli.main(["push-app", str(tmp_path), "--index", str(index_path), "--output-dir", str(folder)]) == 2
     assert "push it with `mecoq push MODEL_DIR REPO_ID` first" in capsys.readouterr().err

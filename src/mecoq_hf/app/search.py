@@ -340,6 +340,12 @@ def check_index_matches_hub_model(
     return codebooks.shape[0], codebooks.shape[1]
 
 
+def local_image_source(index_path: str | os.PathLike) -> str | None:
+    """The source recorded for an index's images when only this machine has it (a path, "fashion-mnist")."""
+    data = (load_sidecar(index_path) or {}).get("data") or {}
+    return data["source"] if data.get("source") and DataSource(**data).hub_id is None else None
+
+
 def save_indexed_images(index_path: str | os.PathLike, images: str | None, folder: Path) -> dict[str, Any]:
     """Save the images of an index (only its ids, with their labels) as a `save_to_disk` folder.
 
@@ -402,6 +408,7 @@ __all__ = [
     "describe_index_file",
     "describe_source",
     "headline_numbers",
+    "local_image_source",
     "open_search",
     "read_query_image",
     "save_indexed_images",

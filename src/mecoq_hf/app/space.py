@@ -29,6 +29,7 @@ from .search import (
     SPACE_IMAGES_FOLDER,
     check_index_matches_hub_model,
     describe_index_file,
+    local_image_source,
     save_indexed_images,
     write_index_copy,
 )
@@ -132,6 +133,17 @@ def write_space(
     return written
 
 
+def image_source_note(index: str | os.PathLike, images: str | None, bundle_images: bool) -> str | None:
+    """A warning when the Space would look for its images where only this machine has them, else None."""
+    source = None if images is not None or bundle_images else local_image_source(index)
+    if source is None:
+        return None
+    return (
+        f"the index's images come from {source!r}, which a Space does not have: its page will list results "
+        "without images. Pass --bundle-images (upload them with the Space) or --images HUB_DATASET."
+    )
+
+
 def _space_card(
     model_repo: str, index_name: str, title: str, bits: int | float | None, what: str
 ) -> SpaceCard:
@@ -206,4 +218,4 @@ def push_space(
             ) from error
 
 
-__all__ = ["APP_FILE", "SPACE_FILES", "push_space", "write_space"]
+__all__ = ["APP_FILE", "SPACE_FILES", "image_source_note", "push_space", "write_space"]

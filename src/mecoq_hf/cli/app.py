@@ -37,9 +37,14 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_push_app(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..app.space import push_space, write_space
+    from ..app.space import image_source_note, push_space, write_space
 
     options = {"images": args.images, "bundle_images": args.bundle_images, "title": args.title}
+    note = (
+        image_source_note(args.index, args.images, args.bundle_images) if Path(args.index).is_file() else None
+    )
+    if note:
+        print(f"mecoq push-app: warning: {note}", file=sys.stderr)
     if args.output_dir:
         written = write_space(args.output_dir, args.model, args.index, **options)
         print(f"Space files written to {args.output_dir}: {', '.join(Path(p).name for p in written)}")
