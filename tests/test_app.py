@@ -252,6 +252,19 @@ def test_missing_images_are_explained_and_results_still_listed(
     assert "fix --images SOURCE" in answer.status
     assert page.engine.examples(4) == []
 
+    # an image source that lost some of the indexed ids (here it holds the first 150 of the 200)
+    shorter = tmp_path / "shorter.safetensors"
+    shutil.copyfile(index_path, shorter)
+    sidecar = json.loads(index_path.with_suffix(".meta.json").read_text())
+    sidecar["data"]["limit"] = 150
+    shorter.with_suffix(".meta.json").write_text(json.dumps(sidecar))
+    page = build_page(trained, shorter, examples=0).search_page
+    assert page.engine.image_problem.startswith("50 of the 200 indexed ids (e.g. [150, 151, 152]) are not in")
+    answer = page.answer(str(query_png), 100)
+    rows = table_rows(answer.table)
+    assert len(rows) == 100 and len(answer.gallery) == sum(item < 150 for item, _, _ in rows)
+    assert "are not in the image source any more" in answer.status
+
     # an index without its sidecar: no record of the images at all
     bare = tmp_path / "bare.safetensors"
     shutil.copyfile(index_path, bare)

@@ -155,6 +155,10 @@ class SearchEngine:
     def distance(self) -> str:
         return self.index.distance
 
+    def ids_without_image(self) -> list[int]:
+        """The indexed ids whose image is not in the loaded images (all of them when none are loaded)."""
+        return [item for item in self.index.ids.tolist() if item not in self._rows]
+
     def image_of(self, item: int) -> PIL.Image.Image | None:
         """The indexed image with id `item`, or None when the images are not available or lack that id."""
         row = self._rows.get(int(item))
@@ -240,7 +244,15 @@ def open_search(
     loaded = load_model(model)
     check_index_matches_model(code_index, loaded, index_path, model)
     dataset, image_problem = _load_images(sidecar, images, index_path)
-    return SearchEngine(loaded, str(model), code_index, index_path, sidecar, dataset, image_problem)
+    engine = SearchEngine(loaded, str(model), code_index, index_path, sidecar, dataset, image_problem)
+    missing = engine.ids_without_image()
+    if dataset is not None and missing:
+        engine.image_problem = (
+            f"{len(missing)} of the {engine.ntotal} indexed ids (e.g. {missing[:3]}) are not in the image "
+            "source any more: it changed after indexing, so those results show no image. Rebuild the index, "
+            "or pass --images SOURCE (the dataset the index was built from)."
+        )
+    return engine
 
 
 # headline numbers
