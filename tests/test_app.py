@@ -195,6 +195,18 @@ def test_the_page_ranks_like_mecoq_search(trained, index_path, query_png, capsys
     assert len(table_rows(page.answer(str(query_png), 10_000).table)) == min(INDEXED, 100)
 
 
+def test_the_faiss_backend_serves_the_same_scores(trained, index_path, query_png):
+    from mecoq_hf.app.page import build_page
+
+    native = build_page(trained, index_path, examples=0).search_page.answer(str(query_png), 10)
+    faiss = build_page(trained, index_path, examples=0, backend="faiss").search_page.answer(
+        str(query_png), 10
+    )
+    scores = [score for _, score, _ in table_rows(faiss.table)]
+    assert scores == [pytest.approx(score, abs=1e-4) for _, score, _ in table_rows(native.table)]
+    assert len(faiss.gallery) == 10
+
+
 def test_the_headline_states_bits_bytes_and_the_test_map(trained, index_path):
     from mecoq_hf.app.page import headline_text
     from mecoq_hf.app.search import headline_numbers, open_search

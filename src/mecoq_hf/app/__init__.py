@@ -10,6 +10,6 @@
 - `space`: `write_space` (app.py, README.md with the Space front matter, requirements.txt, the index) and
   `push_space` (upload them to a Space repo).
 
-gradio is an optional dependency (`pip install "mecoq-hf[app]"`): importing this package does not import it;
-`page` and `space.push_space` need it... only `page` imports it.
+gradio is an optional dependency (`pip install "mecoq-hf[app]"`): only `page` imports it, so this package,
+`search` and `space` import without it (a Space is written and pushed without gradio installed).
 """

@@ -186,6 +186,7 @@ def build_page(
     top_k: int = DEFAULT_TOP_K,
     examples: int = DEFAULT_EXAMPLES,
     title: str | None = None,
+    backend: str = "native",
 ) -> gr.Blocks:
     """The search page of a model and its index, ready for `launch_page`.
 
@@ -197,13 +198,14 @@ def build_page(
         top_k: the initial number of results.
         examples: how many database images to offer as example queries (0: none).
         title: the page's title (default: "MeCoQ image search: <model name>").
+        backend: the index's search backend (`retrieval.backends.BACKENDS`), as `mecoq search --backend`.
 
     Raises:
         FileNotFoundError / ValueError: the model or the index cannot be read (see `search.open_search`).
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it at each telemetry call
     try:
-        engine, problem = open_search(model, index, images), None
+        engine, problem = open_search(model, index, images, backend=backend), None
     except IndexModelMismatchError as error:
         engine, problem = None, str(error)
     page = SearchPage(engine, problem)

@@ -3,12 +3,11 @@
 Every access of the page to the model, the code index, its sidecar, the data sources and the run records goes
 through this module, so that a change of those APIs is ported here only. Nothing here imports gradio.
 
-- `open_search(model, index, images)` loads the model (folder or Hub id), the index file with its sidecar, and
-  the indexed images (from the source the sidecar records, or `images`), and checks that the index was built
-  with the model's codebooks (`check_index_matches_model`).
-- `SearchEngine.search(image, k)` ranks the index for one query image exactly as `mecoq search` does: the
-  model's eval transform, `model.embed`, `CodeIndex.search`; it returns `Neighbour`s (rank, score, id, label,
-  image).
+- `open_search(model, index, images)` loads the model (folder or Hub id), the index file with its sidecar
+  (`retrieval.image_index.ImageIndex`), and the indexed images (from the source the sidecar records, or
+  `images`), and checks that the index was built with the model's codebooks.
+- `SearchEngine.search(image, k)` ranks the index for one query image as `mecoq search` does
+  (`ImageIndex.search`) and returns `Neighbour`s (rank, score, id, label, image).
 - `headline_numbers(model_source, model)` gives the model card's headline: bits, bytes per image and mAP.
 """
 
@@ -24,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.sources import DataSource, decode_image
-from ..data.transforms import build_eval_transform
 from ..file_io import read_json
 from ..hub import load_model
-from ..retrieval.index import CodeIndex, load_sidecar, sidecar_path
+from ..retrieval.image_index import ImageIndex
+from ..retrieval.index import CodeIndex
+from ..retrieval.sidecar import IndexSidecar, sidecar_path
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -77,42 +77,18 @@ class Headline:
 
 
 def check_codebooks_match(
-    index_codebooks: torch.Tensor,
-    model_codebooks: torch.Tensor,
-    index_path: str | os.PathLike,
-    model_source: str | os.PathLike,
+    index: CodeIndex, codebooks: torch.Tensor, index_path: str | os.PathLike, model_source: str | os.PathLike
 ) -> None:
-    """Raise `IndexModelMismatchError` unless the (M, K, D) codebooks have one shape and agree to 1e-5.
-
-    The test `mecoq search` makes (cli/index.py's `cmd_search`, which has it inline today).
-    """
-    if model_codebooks.shape != index_codebooks.shape or not torch.allclose(
-        model_codebooks, index_codebooks, atol=1e-5
-    ):
-        raise IndexModelMismatchError(
-            f"{index_path} was built with other codebooks than the model {model_source} "
-            f"(index: {tuple(index_codebooks.shape)}, model: {tuple(model_codebooks.shape)}, M x K x D): "
-            "pass the model the index was built with, or rebuild the index with this model "
-            "(mecoq index build MODEL_DIR ...)."
-        )
-
-
-def check_index_matches_model(
-    index: CodeIndex, model: MeCoQModel, index_path: str | os.PathLike, model_source: str | os.PathLike
-) -> None:
-    """Raise `IndexModelMismatchError` when `index` was not built with `model`'s codebooks."""
-    check_codebooks_match(index.codebooks, model.codebooks(), index_path, model_source)
+    """`CodeIndex.check_codebooks_match` (the test of `mecoq search`), raising `IndexModelMismatchError`."""
+    try:
+        index.check_codebooks_match(codebooks, str(model_source), str(index_path))
+    except ValueError as error:
+        raise IndexModelMismatchError(str(error)) from error
 
 
 def read_query_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Decode an uploaded file fully; `data.sources.BadImageError` (a ValueError) names the file otherwise."""
     return decode_image({"bytes": None, "path": str(path)}, Path(path).name)
-
-
-def _label_texts(ids: list[int], sidecar: dict[str, Any] | None) -> list[str] | None:
-    from ..cli.index import _labels_of  # the label text `mecoq search` prints (class names, multi-hot)
-
-    return _labels_of(ids, sidecar)
 
 
 # the engine
@@ -131,33 +107,36 @@ class SearchEngine:
         self,
         model: MeCoQModel,
         model_source: str,
-        index: CodeIndex,
-        index_path: Path,
-        sidecar: dict[str, Any] | None,
+        image_index: ImageIndex,
         images: Dataset | None,
         image_problem: str | None,
     ) -> None:
         self.model = model
         self.model_source = model_source
-        self.index = index
-        self.index_path = index_path
-        self.sidecar = sidecar
+        self.image_index = image_index
         self.image_problem = image_problem
         self._images = images
         self._rows = {int(item): row for row, item in enumerate(images["index"])} if images else {}
-        self._transform = build_eval_transform(model.backbone.data_config)
+
+    @property
+    def index_path(self) -> Path | None:
+        return self.image_index.path
+
+    @property
+    def sidecar(self) -> IndexSidecar | None:
+        return self.image_index.sidecar
 
     @property
     def ntotal(self) -> int:
-        return self.index.ntotal
+        return self.image_index.index.ntotal
 
     @property
     def distance(self) -> str:
-        return self.index.distance
+        return self.image_index.index.settings.distance
 
     def ids_without_image(self) -> list[int]:
         """The indexed ids whose image is not in the loaded images (all of them when none are loaded)."""
-        return [item for item in self.index.ids.tolist() if item not in self._rows]
+        return [item for item in self.image_index.index.ids.tolist() if item not in self._rows]
 
     def image_of(self, item: int) -> PIL.Image.Image | None:
         """The indexed image with id `item`, or None when the images are not available or lack that id."""
@@ -166,23 +145,20 @@ class SearchEngine:
 
     def search(self, image: PIL.Image.Image, k: int) -> list[Neighbour]:
         """The top-`k` items for one query image (fewer when the index holds fewer), best first."""
-        with torch.no_grad():
-            query = self.model.embed(self._transform(image)[None])  # (1, d)
-        scores, ids = self.index.search(query, k=k)  # (1, k) each
-        found = ids[0] >= 0
-        scores_list, ids_list = scores[0][found].tolist(), ids[0][found].tolist()
-        labels = _label_texts(ids_list, self.sidecar) or ["-"] * len(ids_list)
+        hits = self.image_index.search(self.model, image, k=k)
         return [
-            Neighbour(rank, score, item, label, self.image_of(item))
-            for rank, (item, score, label) in enumerate(zip(ids_list, scores_list, labels), start=1)
+            Neighbour(
+                rank, hit.score, hit.id, hit.label if hit.label is not None else "-", self.image_of(hit.id)
+            )
+            for rank, hit in enumerate(hits, start=1)
         ]
 
     def examples(self, count: int) -> list[tuple[int, str, PIL.Image.Image]]:
         """Up to `count` indexed (id, label, image) triples to start from: one per label, in index order."""
         if self._images is None or count < 1:
             return []
-        ids = self.index.ids.tolist()
-        labels = _label_texts(ids, self.sidecar) or [str(item) for item in ids]
+        ids = self.image_index.index.ids.tolist()
+        labels = (self.sidecar.label_texts(ids) if self.sidecar else None) or [str(item) for item in ids]
         chosen: dict[str, int] = {}
         for item, label in zip(ids, labels):
             if label not in chosen and int(item) in self._rows:
@@ -193,10 +169,10 @@ class SearchEngine:
 
 
 def _load_images(
-    sidecar: dict[str, Any] | None, images: str | None, index_path: Path
+    sidecar: IndexSidecar | None, images: str | None, index_path: Path
 ) -> tuple[Dataset | None, str | None]:
     """(the indexed images as a Dataset, None) or (None, why they cannot be loaded, with the fix)."""
-    recorded = (sidecar or {}).get("data")
+    recorded = sidecar.data if sidecar is not None else None
     if images is None and not recorded:
         return None, (
             f"{index_path} has no {sidecar_path(index_path).name} recording where its images are: pass "
@@ -218,7 +194,7 @@ def _load_images(
 
 
 def open_search(
-    model: str | os.PathLike, index: str | os.PathLike, images: str | None = None
+    model: str | os.PathLike, index: str | os.PathLike, images: str | None = None, *, backend: str = "native"
 ) -> SearchEngine:
     """Load a model, its index and the indexed images for searching.
 
@@ -227,6 +203,7 @@ def open_search(
         index: an index file written by `mecoq index build` (its `.meta.json` sidecar next to it, if any).
         images: where to load the indexed images from instead of the source the sidecar records (same split,
             limit and columns); a dataset source as `mecoq index build --dataset` takes it.
+        backend: the index's search backend, a key of `retrieval.backends.BACKENDS` (as `mecoq search`).
 
     Returns:
         A `SearchEngine`. When the images cannot be loaded it still searches; `image_problem` says why.
@@ -237,14 +214,11 @@ def open_search(
         ValueError: the model or the index file cannot be read.
     """
     index_path = Path(index).expanduser()
-    if not index_path.is_file():
-        raise FileNotFoundError(f"Index file {index_path} does not exist; build it with `mecoq index build`.")
-    code_index = CodeIndex.load(index_path)
-    sidecar = load_sidecar(index_path)
+    image_index = ImageIndex.load(index_path, backend=backend)  # FileNotFoundError / IndexFormatError
     loaded = load_model(model)
-    check_index_matches_model(code_index, loaded, index_path, model)
-    dataset, image_problem = _load_images(sidecar, images, index_path)
-    engine = SearchEngine(loaded, str(model), code_index, index_path, sidecar, dataset, image_problem)
+    check_codebooks_match(image_index.index, loaded.codebooks(), index_path, model)
+    dataset, image_problem = _load_images(image_index.sidecar, images, index_path)
+    engine = SearchEngine(loaded, str(model), image_index, dataset, image_problem)
     missing = engine.ids_without_image()
     if dataset is not None and missing:
         engine.image_problem = (
@@ -311,8 +285,8 @@ def headline_numbers(
     )
 
 
-def _describe(ntotal: int, distance: str, sidecar: dict[str, Any] | None) -> str:
-    data = (sidecar or {}).get("data") or {}
+def _describe(ntotal: int, distance: str, sidecar: IndexSidecar | None) -> str:
+    data = sidecar.data if sidecar is not None else {}
     source = DataSource(**data).name if data.get("source") else "an unrecorded source"
     split = f" ({data['split']} split)" if data.get("split") else ""
     return f"{ntotal} images of {source}{split}, {distance} scores"
@@ -325,8 +299,8 @@ def describe_source(engine: SearchEngine) -> str:
 
 def describe_index_file(index_path: str | os.PathLike) -> str:
     """`describe_source` for an index file."""
-    index = CodeIndex.load(index_path)
-    return _describe(index.ntotal, index.distance, load_sidecar(index_path))
+    image_index = ImageIndex.load(index_path)
+    return _describe(image_index.index.ntotal, image_index.index.settings.distance, image_index.sidecar)
 
 
 # the index and images of a Space
@@ -344,17 +318,16 @@ def check_index_matches_hub_model(
     """
     from ..hub import download_codebooks
 
-    index_path = Path(index_path)
-    if not index_path.is_file():
-        raise FileNotFoundError(f"Index file {index_path} does not exist; build it with `mecoq index build`.")
+    index = CodeIndex.load(index_path)  # FileNotFoundError / IndexFormatError name the fix
     codebooks = download_codebooks(model_repo, token=token)  # (M, K, D)
-    check_codebooks_match(CodeIndex.load(index_path).codebooks, codebooks, index_path, model_repo)
+    check_codebooks_match(index, codebooks, index_path, model_repo)
     return codebooks.shape[0], codebooks.shape[1]
 
 
 def local_image_source(index_path: str | os.PathLike) -> str | None:
     """The source recorded for an index's images when only this machine has it (a path, "fashion-mnist")."""
-    data = (load_sidecar(index_path) or {}).get("data") or {}
+    sidecar = IndexSidecar.load(index_path)
+    data = sidecar.data if sidecar is not None else {}
     return data["source"] if data.get("source") and DataSource(**data).hub_id is None else None
 
 
@@ -370,7 +343,7 @@ def save_indexed_images(index_path: str | os.PathLike, images: str | None, folde
     from datasets.table import embed_table_storage
 
     index_path = Path(index_path)
-    dataset, problem = _load_images(load_sidecar(index_path), images, index_path)
+    dataset, problem = _load_images(IndexSidecar.load(index_path), images, index_path)
     if dataset is None:
         raise ValueError(problem)
     wanted = set(CodeIndex.load(index_path).ids.tolist())
@@ -393,20 +366,21 @@ def write_index_copy(
     import shutil
 
     from ..file_io import write_atomic
-    from ..retrieval.index import save_sidecar
 
     index_path = Path(index_path)
     target = folder / index_path.name
     write_atomic(target, lambda name: shutil.copyfile(index_path, name))
-    sidecar = load_sidecar(index_path)
-    if sidecar is None and data is None:
+    recorded = IndexSidecar.load(index_path)
+    if recorded is None and data is None:
         return [target]
-    index = CodeIndex.load(target)
-    recorded = sidecar or {}
-    written = save_sidecar(target, model=model, data=data if data is not None else recorded.get("data") or {},
-                           ids=index.ids.tolist(), labels=recorded.get("labels"),
-                           class_names=recorded.get("class_names"))  # fmt: skip
-    return [target, written]
+    sidecar = IndexSidecar.describe(
+        model=model,
+        data=data if data is not None else (recorded.data if recorded else {}),
+        ids=CodeIndex.load(target).ids.tolist(),
+        labels=recorded.labels if recorded else None,
+        class_names=recorded.class_names if recorded else None,
+    )
+    return [target, sidecar.save(target)]
 
 
 __all__ = [
@@ -416,7 +390,6 @@ __all__ = [
     "SearchEngine",
     "check_codebooks_match",
     "check_index_matches_hub_model",
-    "check_index_matches_model",
     "describe_index_file",
     "describe_source",
     "headline_numbers",

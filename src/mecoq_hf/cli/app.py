@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..retrieval.backends import BACKENDS
 from .common import EXIT_USAGE, _subparser
 
 INSTALL_HINT = 'pip install "mecoq-hf[app]"'
@@ -21,9 +22,8 @@ def cmd_app(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.port is not None and not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}.")
-    page = build_page(
-        args.model, args.index, args.images, metrics=args.metrics, top_k=args.top_k, examples=args.examples
-    )
+    page = build_page(args.model, args.index, args.images, metrics=args.metrics, top_k=args.top_k,
+                      examples=args.examples, backend=args.backend)  # fmt: skip
     engine = page.search_page.engine
     problem = page.search_page.problem if engine is None else engine.image_problem
     if problem:
@@ -77,6 +77,12 @@ def _app_parsers(commands: Any) -> None:
         "--metrics",
         metavar="metrics.json",
         help="mecoq evaluate --output file (default MODEL_DIR/metrics.json)",
+    )
+    app.add_argument(
+        "--backend",
+        choices=tuple(BACKENDS),
+        default="native",
+        help="search backend of the index, as in mecoq search (default: native)",
     )
     app.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)"
