@@ -88,7 +88,7 @@ def trained(tmp_path_factory) -> Path:
         cli.main(["train", "--config", str(root / "tiny.yaml"), "--output-dir", str(model), "--no-progress"])
         == 0
     )
-    assert cli.main(["evaluate", str(model), "--top-k", "100", "--output", str(model / "metrics.json"),
+    assert cli.main(["evaluate", str(model), "--map-k", "100", "--output", str(model / "metrics.json"),
                      "--no-progress"]) == 0  # fmt: skip
     return model
 

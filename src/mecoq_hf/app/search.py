@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.sources import DataSource, decode_image
-from ..file_io import read_json
 from ..hub import load_model
 from ..retrieval.image_index import ImageIndex
 from ..retrieval.index import CodeIndex
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from ..models.mecoq.modeling_mecoq import MeCoQModel
 
 logger = logging.getLogger(__name__)
-RUN_RECORD_FILE = "run_record.json"
-METRICS_FILE = "metrics.json"  # `mecoq evaluate --output`, as the demo writes it into the model folder
 
 
 class IndexModelMismatchError(ValueError):
@@ -233,15 +230,12 @@ def open_search(
 
 
 def _run_record(model_source: str | os.PathLike, metrics: str | os.PathLike | None) -> dict[str, Any] | None:
-    """A local model folder's run record with its `mecoq evaluate --output` metrics merged in, if any."""
-    from ..cli.hub import _with_evaluation  # the merge `mecoq card --metrics` / `mecoq push --metrics` make
+    """A local model folder's run record with its `mecoq evaluate --output` report merged in, if any."""
+    from ..training.run_folder import METRICS_FILE, RunFolder
 
-    folder = Path(model_source).expanduser()
-    record_path, metrics_path = folder / RUN_RECORD_FILE, Path(metrics) if metrics else folder / METRICS_FILE
-    record = read_json(record_path, "Run record") if record_path.is_file() else None
-    if metrics is not None or metrics_path.is_file():  # an explicit file must exist; the default may not
-        record = _with_evaluation(record, folder, metrics_path)
-    return record
+    run = RunFolder(Path(model_source).expanduser())
+    default = run.path / METRICS_FILE  # where the demo writes it; an explicit file must exist
+    return run.card_record(metrics if metrics is not None else default if default.is_file() else None)
 
 
 def _card_results(model_source: str | os.PathLike, metrics: str | os.PathLike | None) -> list[Any]:
