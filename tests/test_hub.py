@@ -255,6 +255,17 @@ def test_push_folder_to_hub_to_a_dataset_repo_and_a_branch(local_hub, tmp_path):
     assert api.dataset_info(repo_id, revision="dev").sha == commit.oid
 
 
+def test_push_folder_to_hub_creates_a_space_with_its_sdk(local_hub, tmp_path):
+    folder = make_folder(tmp_path)
+    repo_id = new_repo_id("space")
+    with warnings.catch_warnings():  # huggingface_hub warns about data files in a Space
+        warnings.simplefilter("ignore")
+        commit = push_folder_to_hub(folder, repo_id, repo_type="space")
+    api = HfApi()
+    assert "sub/settings.json" in api.list_repo_files(repo_id, repo_type="space")
+    assert api.space_info(repo_id).sha == commit.oid
+
+
 @pytest.mark.parametrize(
     "bad_call, message",
     [

@@ -84,11 +84,14 @@ def _commit(
     revision: str | None,
     commit_message: str,
     commit_description: str | None = None,
+    space_sdk: str = "gradio",
 ) -> CommitInfo:
-    """Create the repo (exist_ok) and the branch if needed, then commit `operations` at once."""
+    """Create the repo (exist_ok; a Space with `space_sdk`) and the branch if needed, then commit
+    `operations` at once."""
     api = HfApi()
+    sdk = {"space_sdk": space_sdk} if repo_type == "space" else {}  # create_repo needs one for a Space
     try:
-        api.create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True)
+        api.create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True, **sdk)
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, token=token, repo_type=repo_type, exist_ok=True)
         return api.create_commit(
@@ -131,6 +134,7 @@ def push_folder_to_hub(
     commit_description: str | None = None,
     repo_type: str = "model",
     revision: str | None = None,
+    space_sdk: str = "gradio",
 ) -> CommitInfo:
     """Upload every file under `folder` to `repo_id` in one commit, creating the repo if needed.
 
@@ -144,6 +148,8 @@ def push_folder_to_hub(
         commit_description: body of the commit.
         repo_type: `"model"`, `"dataset"` or `"space"`.
         revision: branch to commit to (created from `main` when missing); defaults to `main`.
+        space_sdk: the SDK a new Space is created with ("gradio", "streamlit", "docker" or "static");
+            used only with `repo_type="space"`.
 
     Returns:
         huggingface_hub's `CommitInfo` (`oid` is the new commit's sha). When nothing changed, no commit is
@@ -168,6 +174,7 @@ def push_folder_to_hub(
         revision=revision,
         commit_message=commit_message or f"Upload {folder.name} with mecoq-hf",
         commit_description=commit_description,
+        space_sdk=space_sdk,
     )
 
 

@@ -19,12 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from huggingface_hub import HfApi, SpaceCard, SpaceCardData
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import SpaceCard, SpaceCardData
 
 from .. import __version__
 from ..file_io import write_atomic
-from ..hub import HubUploadError, _folder_operations, _TransportError
+from ..hub import push_folder_to_hub
 from .search import (
     SPACE_IMAGES_FOLDER,
     check_index_matches_hub_model,
@@ -193,29 +192,20 @@ def push_space(
     _check_repo_id(model_repo, "model")
     num_codebooks, codebook_size = check_index_matches_hub_model(index, model_repo, token)
     bits = num_codebooks * math.log2(codebook_size)
-    api = HfApi()
     with tempfile.TemporaryDirectory(prefix="mecoq-space-") as staging:
         write_space(staging, model_repo, index, images=images, bundle_images=bundle_images, title=title,
                     bits=int(bits) if bits.is_integer() else round(bits, 2))  # fmt: skip
-        operations = _folder_operations(Path(staging))
-        try:
-            api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private,
-                            token=token)  # fmt: skip
-            with warnings.catch_warnings():  # bundled images are data files in a Space on purpose
-                warnings.filterwarnings("ignore", message=".*commit a data file.*space repository")
-                return api.create_commit(
-                    space_id,
-                    operations,
-                    commit_message=commit_message or f"Search page of {model_repo} with mecoq-hf",
-                    repo_type="space",
-                    token=token,
-                )
-        except (HfHubHTTPError, _TransportError) as error:
-            raise HubUploadError(
-                f"Could not push the Space {space_id!r} to {api.endpoint}: {type(error).__name__}: "
-                f"{str(error).strip()}. Check the connection, HF_ENDPOINT and the token's write access, then "
-                "run the same command again."
-            ) from error
+        with warnings.catch_warnings():  # bundled images are data files in a Space on purpose
+            warnings.filterwarnings("ignore", message=".*commit a data file.*space repository")
+            return push_folder_to_hub(
+                staging,
+                space_id,
+                token=token,
+                private=private,
+                commit_message=commit_message or f"Search page of {model_repo} with mecoq-hf",
+                repo_type="space",
+                space_sdk="gradio",
+            )
 
 
 __all__ = ["APP_FILE", "SPACE_FILES", "image_source_note", "push_space", "write_space"]
