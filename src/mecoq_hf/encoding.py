@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .file_io import write_atomic
+from .progress import phase
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -92,13 +93,11 @@ def encode_dataset(
             the results are gathered batch by batch with `gather_for_metrics`, which restores the dataset
             order and drops the padding samples; every process returns the full result.
         method: "encode" or "embed".
-        show_progress_bar: tqdm bar (main process only).
+        show_progress_bar: a progress bar of the images (main process only; `progress.phase`).
 
     Returns:
         `EncodedDataset(outputs, labels, ids)` on CPU, in dataset order.
     """
-    from tqdm.auto import tqdm
-
     if method not in ("encode", "embed"):
         raise ValueError(f"method must be 'encode' (hard codes) or 'embed' (embeddings), got {method!r}.")
     network = accelerator.unwrap_model(model) if accelerator is not None else model
@@ -114,21 +113,29 @@ def encode_dataset(
     if hasattr(network, "eval"):
         network.eval()
     collected: dict[str, list[torch.Tensor]] = {"outputs": [], "labels": [], "ids": []}
+    show = "bar" if show_progress_bar and is_main else "off"
     try:
-        with torch.no_grad():
-            for batch in tqdm(
-                dataloader, desc=f"{method} dataset", disable=not (show_progress_bar and is_main)
-            ):
+        with torch.no_grad(), phase(f"{method} dataset", _num_images(dataloader), show=show) as progress:
+            for batch in dataloader:
                 parts = _split_batch(batch)
                 parts["outputs"] = getattr(network, method)(parts.pop("pixel_values").to(device))
                 if accelerator is not None:
                     parts = accelerator.gather_for_metrics({k: v.to(device) for k, v in parts.items()})
                 for name, value in parts.items():
                     collected[name].append(value.cpu())
+                progress.update(len(parts["outputs"]))  # images of every process
     finally:
         if was_training and hasattr(network, "train"):
             network.train()
     return _assemble(collected)
+
+
+def _num_images(dataloader: Iterable) -> int | None:
+    """The number of images a dataloader yields (its dataset's length), or None when it has none."""
+    try:
+        return len(dataloader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _assemble(collected: dict[str, list[torch.Tensor]]) -> EncodedDataset:

@@ -31,6 +31,7 @@ from torch import nn
 from .data.loaders import make_eval_dataloader
 from .encoding import EncodedDataset, encode_dataset
 from .file_io import write_atomic
+from .progress import phase
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -159,7 +160,9 @@ def compute_view_features(
         return EncodedDataset(torch.stack(views, dim=1), None, None)  # (N, V, F)
 
     settings = {"num_views": num_views, "seed": seed}
-    return _cached(cache_dir, "views", backbone, dataset, settings, compute).outputs
+    show = "bar" if show_progress_bar and (accelerator is None or accelerator.is_main_process) else "off"
+    with phase("caching views", num_views * len(dataset), show=show):  # one bar for all the views
+        return _cached(cache_dir, "views", backbone, dataset, settings, compute).outputs
 
 
 def _cached(

@@ -29,6 +29,7 @@ from ..data.transforms import build_train_transform
 from ..feature_cache import CachedViewPairs, compute_view_features
 from ..models.mecoq.configuration_mecoq import MeCoQConfig
 from ..models.mecoq.modeling_mecoq import MeCoQModel
+from ..progress import format_duration, phase, show_mode
 from .arguments import TrainingArguments
 from .checkpoints import TrainerState, load_latest_checkpoint, save_checkpoint
 from .optimization import build_optimizer, build_scheduler
@@ -99,9 +100,10 @@ def train(
         raise ValueError("Pass both validation_queries and validation_database, or neither.")
     loop = _TrainingLoop(config, args, accelerator or build_accelerator(args))
     loop.prepare(train_dataset, validation_queries, validation_database)
-    for epoch in range(loop.state.epoch, args.num_epochs):
-        if not loop.train_epoch(epoch) or loop.end_epoch(epoch):
-            break
+    with loop.progress:
+        for epoch in range(loop.state.epoch, args.num_epochs):
+            if not loop.train_epoch(epoch) or loop.end_epoch(epoch):
+                break
     return loop.finish(train_dataset)
 
 
@@ -136,7 +138,8 @@ class _TrainingLoop:
         model = MeCoQModel.for_training(self.config).to(accelerator.device)
         self.validation = None
         if queries is not None:
-            self.validation = ValidationSet(queries, database, args.top_k, args.batch_size, args.num_workers)
+            self.validation = ValidationSet(queries, database, args.top_k, args.batch_size, args.num_workers,
+                                            progress=args.progress_bar)  # fmt: skip
         loader = _train_dataloader(model, args, train_dataset, accelerator)
         if (
             not model.backbone.is_trainable and self.validation is not None
@@ -152,9 +155,10 @@ class _TrainingLoop:
         if self.is_main:
             self.run.write_training_args(args)
         self._start_trackers()
-        self.progress = _progress_bar(
-            accelerator, args, steps_per_epoch * args.num_epochs, self.state.global_step
-        )
+        total = steps_per_epoch * args.num_epochs
+        show = show_mode(args.progress_bar, self.is_main)
+        self.progress = phase("training", min(total, args.max_steps or total), unit="steps", show=show,
+                              initial=self.state.global_step)  # fmt: skip
         self.started = self.last_step_time = time.perf_counter()
 
     def _start_trackers(self) -> None:
@@ -231,11 +235,10 @@ class _TrainingLoop:
             "lr": lr,
             "images_per_second": images_per_second,
         }
-        if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(
-                loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}"
-            )
+        self.progress.set_postfix(
+            loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}"
+        )
+        self.progress.update(1)
         step = self.state.global_step
         if step % self.args.log_every_steps == 0 or step == 1:
             self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
@@ -259,21 +262,23 @@ class _TrainingLoop:
             self.run.append_log("epoch", record)
         save_checkpoint(self.accelerator, self.run.path, state, self.args.keep_checkpoints)
         if self.stopped_early:
-            self.accelerator.print(f"Stopping early: no improvement in {self.args.patience} evaluations.")
+            self.progress.write(f"Stopping early: no improvement in {self.args.patience} evaluations.")
         return self.stopped_early
 
     def _validate(self, epoch: int) -> float:
         """Validation mAP; a better model is saved as the run's model folder."""
         state, args = self.state, self.args
+        started = time.perf_counter()
         score = self.validation.mean_average_precision(self.model, self.accelerator)
         if state.best_metric is None or score > state.best_metric + 1e-6:
             state.best_metric, state.best_epoch, state.evaluations_without_improvement = score, epoch, 0
             self.network.save_pretrained(self.run.path, is_main_process=self.is_main)
         else:
             state.evaluations_without_improvement += 1
-        self.accelerator.print(
+        self.progress.write(
             f"epoch {epoch}: validation mAP@{args.top_k} {score:.4f} "
-            f"(best {state.best_metric:.4f} at epoch {state.best_epoch})"
+            f"(best {state.best_metric:.4f} at epoch {state.best_epoch}) in "
+            f"{format_duration(time.perf_counter() - started)}"
         )
         self.accelerator.log({"validation/map": score}, step=state.global_step)
         self.stopped_early = (
@@ -286,8 +291,6 @@ class _TrainingLoop:
     def finish(self, train_dataset: Dataset) -> TrainingResult:
         """Save the model (when nothing was selected), write the run record, return the selected model."""
         state, accelerator = self.state, self.accelerator
-        if self.progress is not None:
-            self.progress.close()
         finished = not self.reached_max_steps
         if state.best_metric is None:  # no validation split: the last model is the result
             self.network.save_pretrained(self.run.path, is_main_process=self.is_main)
@@ -322,20 +325,20 @@ def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Datas
             f"cached_views={args.cached_views} needs a frozen backbone, but backbone_trainable is "
             f"{model.config.backbone_trainable!r}. Set backbone_trainable='frozen' or cached_views=0."
         )
-    accelerator.print(
-        f"Caching {args.cached_views} augmented views of {len(dataset)} images with the frozen backbone..."
-    )
-    features = compute_view_features(
-        model.backbone,
-        dataset,
-        view,
-        args.cached_views,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        accelerator=accelerator,
-        show_progress_bar=args.progress_bar,
-        cache_dir=args.feature_cache_dir,
-    )
+    show = show_mode(args.progress_bar, accelerator.is_main_process)
+    summary = f"{args.cached_views} views x {len(dataset)} images"
+    with phase("caching views", args.cached_views * len(dataset), show=show, summary=summary):
+        features = compute_view_features(
+            model.backbone,
+            dataset,
+            view,
+            args.cached_views,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            accelerator=accelerator,
+            show_progress_bar=args.progress_bar,
+            cache_dir=args.feature_cache_dir,
+        )
     return torch.utils.data.DataLoader(
         CachedViewPairs(features.cpu(), seed=args.seed),
         batch_size=args.batch_size,
@@ -349,14 +352,6 @@ def _views(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gathered (P * 2, B, M, K) codes -> all processes' view-1 codes, then their view-2 codes (P*B, M, K)."""
     per_process = codes.reshape(-1, 2, *codes.shape[1:])  # (P, 2, B, M, K)
     return per_process[:, 0].flatten(0, 1), per_process[:, 1].flatten(0, 1)
-
-
-def _progress_bar(accelerator: Accelerator, args: TrainingArguments, total: int, done: int):
-    if not (args.progress_bar and accelerator.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=min(total, args.max_steps or total), initial=done, desc="training", dynamic_ncols=True)
 
 
 __all__ = ["TrainingResult", "build_accelerator", "train", "train_on_splits"]

@@ -10,9 +10,11 @@ only torch, timm and transformers may be imported absolutely.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import CONFIG_NAME, ModelOutput, cached_file
+from transformers.utils import logging as transformers_logging
 
 from .backbones import TimmBackbone, load_backbone_weights, warn_random_backbone
 from .configuration_mecoq import MeCoQConfig
@@ -340,7 +343,8 @@ class MeCoQModel(MeCoQPreTrainedModel):
         os.makedirs(save_directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
         try:
-            super().save_pretrained(staging, *args, is_main_process=True, **kwargs)
+            with _without_transformers_bars():  # "Writing model shards" at every checkpoint says nothing
+                super().save_pretrained(staging, *args, is_main_process=True, **kwargs)
             save_codebooks(os.path.join(staging, CODEBOOKS_FILE), self.codebooks())
             self.image_processor().save_pretrained(staging)
             for name in sorted(os.listdir(staging)):
@@ -366,16 +370,32 @@ class MeCoQModel(MeCoQPreTrainedModel):
         )
         if weights is not None:
             verify_weights_checksum(weights)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        with _without_transformers_bars():  # nor does "Loading weights" (the Hub's download bars stay)
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def image_processor(self) -> MeCoQImageProcessor:
         """The evaluation preprocessing of this model's backbone at its configured resolution."""
         return MeCoQImageProcessor(self.backbone.data_config)
 
 
-# loading
+# saving and loading
 
 _CACHED_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """Hide the tqdm bars transformers draws itself (`transformers.utils.logging.tqdm`: writing shards,
+    loading weights) for the duration of the block; huggingface_hub's download bars are not among them."""
+    set_tqdm_hook = getattr(transformers_logging, "set_tqdm_hook", None)  # transformers >= 5
+    if set_tqdm_hook is None:
+        yield
+        return
+    previous = set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        set_tqdm_hook(previous)
 
 
 def _check_local_folder(source: str | os.PathLike, subfolder: str) -> None:
