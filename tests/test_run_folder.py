@@ -98,7 +98,8 @@ def test_metrics_round_trip_and_merge_into_the_card_record(run, tmp_path):
     (run.path / "config.json").write_text(json.dumps({"num_codebooks": 2}))
     card = run.card_record(path)
     assert card == {"config": {"num_codebooks": 2}, "metrics": {"map@100": 0.5},
-                    "eval_datasets": {"": report.dataset}}  # fmt: skip
+                    "eval_datasets": {"": report.dataset},
+                    "baselines": {"faiss PQ": {"map@100": 0.25, "num_train": 256}}}  # fmt: skip
     (run.path / "run_record.json").write_text(json.dumps({"metrics": {"best_validation_map": 0.4}}))
     assert run.card_record(path)["metrics"] == {"best_validation_map": 0.4, "map@100": 0.5}
 

@@ -182,7 +182,10 @@ def test_train_on_recorded_splits_records_the_data_it_trained_on(tmp_path):
         "train_size": 24,
         "info": "",
         "name": "fashion-mnist",
-        "train_split": "train",
+        "train_split": "test",  # the source's split the training images come from
+        "limit": 60,
+        "split_sizes": {"query": 6, "validation": 0, "database": 54, "train": 24},
+        "train_from_database": True,
         "protocol": definition.describe(splits),
         "license": "mit",  # the data source's licence, from the table next to load_fashion_mnist
     }

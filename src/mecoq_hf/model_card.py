@@ -1,10 +1,12 @@
 """Model cards of MeCoQ models: card data plus a Markdown Jinja template, with results as a `model-index`.
 
-`build_model_card` turns a training run record (the `run_record.json` that `training.train` writes) into a
-`huggingface_hub.ModelCard`: `MeCoQModelCardData` holds the facts (backbone and its weights' licence, bits,
-hyperparameters that differ from the defaults, evaluation results as `EvalResult`s), and the prose is the
-template `model_card_template.md` shipped with the package (its only copy). Unknown facts
-become HTML comments, never filler text.
+`build_model_card` turns a training run record (the `run_record.json` that `training.train` writes, with a
+`mecoq evaluate --output` report merged in by `RunFolder.card_record`) into a `huggingface_hub.ModelCard`:
+`MeCoQModelCardData` holds the facts (backbone and its weights' licence, bits, the data trained on,
+hyperparameters that differ from the defaults, evaluation results as `EvalResult`s, baselines evaluated on the
+same data), and the prose is the template `model_card_template.md` shipped with the package (its only copy).
+The results table has a row per method (this model, then each baseline) and metric; only this model's
+results go to the `model-index`. Unknown facts become HTML comments, never filler text.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ UNRECORDED_DATASET = "unrecorded dataset"
 METRIC_KEY = re.compile(
     r"^(?:(?P<dataset>.+?)[_/])?(?P<metric>map|precision|recall)@(?P<k>\d+|all)$", re.IGNORECASE
 )
+METRIC_TITLES = {"map": "mAP", "precision": "Precision", "recall": "Recall"}
+CODE_CONFIG = re.compile(r"^(?P<bits>[\d.]+)bits-M(?P<m>\d+)-K(?P<k>\d+)-(?P<distance>\w+)$")
+MODEL_METHOD = "MeCoQ (this model)"
 
 
 # model cards
@@ -54,6 +59,8 @@ class MeCoQModelCardData(CardData):
         training_changes: training arguments that differ from their defaults, plumbing excluded.
         dataset: training/evaluation data description from the run record.
         eval_results: `EvalResult` per dataset, metric and code length.
+        baselines: method name ("faiss PQ") -> its results on the evaluation data (`{"map@K": value}`), its
+            code length (`bits`) and how it was made (`method`, `num_train`); shown next to the model's.
         versions: library versions recorded by the training run.
     """
 
@@ -72,6 +79,7 @@ class MeCoQModelCardData(CardData):
     training_changes: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     eval_results: list[EvalResult] = field(default_factory=list)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -80,12 +88,16 @@ class MeCoQModelCardData(CardData):
 
         - `metrics`: evaluator keys such as `fashion-mnist_map@1000` (prefix = evaluator name), and/or the
           training loop's `best_validation_map` with `top_k`.
-        - `dataset` keys read: `name`, `id` (Hub dataset id), `license`, `train_split`, `num_train` (or
-          `train_size`), `preprocessing`, `query_split`, `database_split`, `num_queries`, `num_database`,
-          `protocol`, `relevance`, `distance`. Missing ones become HTML comments on the card.
+        - `dataset` keys read: `name`, `id` (Hub dataset id), `license`, `train_split` (the source's split
+          the training images come from), `limit` (its first rows only), `num_train` (or `train_size`),
+          `split_sizes` (query / validation / database / train sizes of the run), `train_from_database`,
+          `preprocessing`, `query_split`, `database_split`, `num_queries`, `num_database`, `protocol`,
+          `relevance`, `distance`. Missing ones become HTML comments on the card.
         - Optional: `training_args_defaults` (only arguments that differ are shown), `training_args_plumbing`
           (names of the arguments that do not change the model, never shown), `eval_datasets` (metric
-          prefix -> dataset description, where evaluation data differ from `dataset`), `card` (overrides).
+          prefix -> dataset description, where evaluation data differ from `dataset`), `baselines` (method
+          name -> results on the evaluation data of prefix "", as `RunFolder.card_record` merges them from
+          `metrics.json`), `card` (overrides).
         """
         if not isinstance(run_record, dict):
             raise TypeError(
@@ -108,6 +120,9 @@ class MeCoQModelCardData(CardData):
                 run_record.get("training_args_plumbing") or (),
             ),
             dataset=dataset,
+            baselines={
+                str(name): dict(values) for name, values in (run_record.get("baselines") or {}).items()
+            },
             versions={str(k): str(v) for k, v in (run_record.get("versions") or {}).items()},
         )
         data.eval_results = _eval_results(
@@ -152,7 +167,9 @@ class MeCoQModelCardData(CardData):
             "config_changes": self.config_changes,
             "training_changes": self.training_changes,
             "dataset": self.dataset,
-            "eval_rows": [_eval_row(result) for result in self.eval_results],
+            "eval_rows": _eval_rows(self.eval_results, self.baselines),
+            "eval_data": list(dict.fromkeys(_data_line(result) for result in self.eval_results)),
+            "baseline_notes": _baseline_notes(self.baselines),
             "versions": self.versions,
         }
 
@@ -283,11 +300,15 @@ def _eval_results(
     bits, num_codebooks, codebook_size = (architecture[k] for k in ("bits", "num_codebooks", "codebook_size"))
     results = []
     for prefix, metric, k, value, split in _metric_entries(metrics):
-        dataset = {**data.dataset, **eval_datasets.get(prefix or "", {})}
+        evaluated = eval_datasets.get(prefix or "", {})
+        if split == "validation":  # the training run's own splits, whatever the evaluation data were
+            dataset = {**evaluated, **data.dataset, **_validation_sizes(data.dataset)}
+        else:
+            dataset = {**data.dataset, **evaluated}
         dataset_name = dataset.get("name") or prefix or UNRECORDED_DATASET
         distance = dataset.get("distance") or architecture["distance"]
         protocol = {key: dataset[key] for key in PROTOCOL_KEYS if dataset.get(key) is not None}
-        title = {"map": "mAP", "precision": "Precision", "recall": "Recall"}[metric]
+        title = METRIC_TITLES[metric]
         note = ", validation split used for model selection" if split == "validation" else ""
         results.append(
             EvalResult(
@@ -306,20 +327,99 @@ def _eval_results(
     return results
 
 
+def _validation_sizes(dataset: dict[str, Any]) -> dict[str, Any]:
+    """num_queries / num_database of the validation search (the run's split sizes; None when unknown)."""
+    sizes = dataset.get("split_sizes") or {}
+    return {"num_queries": sizes.get("validation"), "num_database": sizes.get("database")}
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "dataset"
 
 
-def _eval_row(result: EvalResult) -> dict[str, Any]:
-    recorded = result.dataset_name != UNRECORDED_DATASET
+def _dataset_cell(result: EvalResult) -> str:
+    if result.dataset_name == UNRECORDED_DATASET:
+        return "<!-- the evaluation dataset was not recorded -->"
+    return result.dataset_name
+
+
+def _split_cell(split: str | None) -> str:
+    return "validation (model selection)" if split == "validation" else split or ""
+
+
+def _metric_title(metric_type: str) -> str:
+    """ "map@1000" -> "mAP@1000" (other names unchanged)."""
+    metric, _, k = metric_type.partition("@")
+    return f"{METRIC_TITLES.get(metric.lower(), metric)}@{k}" if k else metric_type
+
+
+def _code_cell(metric_config: str | None) -> str:
+    """ "32bits-M4-K256-asymmetric" -> "32 bits (M=4 x K=256), asymmetric" (other configs unchanged)."""
+    match = CODE_CONFIG.match(metric_config or "")
+    if match is None:
+        return metric_config or ""
+    return f"{match['bits']} bits (M={match['m']} x K={match['k']}), {match['distance']}"
+
+
+def _model_row(result: EvalResult) -> dict[str, Any]:
     return {
-        "dataset": result.dataset_name if recorded else "<!-- the evaluation dataset was not recorded -->",
-        "split": result.dataset_split,
-        "protocol": result.dataset_args or {},
-        "metric": result.metric_name or result.metric_type,
-        "config": result.metric_config,
+        "method": MODEL_METHOD,
+        "dataset": _dataset_cell(result),
+        "split": _split_cell(result.dataset_split),
+        "code": _code_cell(result.metric_config),
+        "metric": _metric_title(result.metric_type),
         "value": result.metric_value,
     }
+
+
+def _baseline_row(model_row: dict[str, Any], name: str, values: dict[str, Any], metric: str) -> dict | None:
+    """The row of baseline `name` next to `model_row` (same data and metric), or None without its value."""
+    value = values.get(metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    bits = values.get("bits")
+    code = f"{bits} bits" if bits is not None else "<!-- the baseline's code length was not recorded -->"
+    return {**model_row, "method": name, "code": code, "value": round(float(value), 4)}
+
+
+def _eval_rows(results: list[EvalResult], baselines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results table: a row per method and metric; the baselines right after the model's first result
+    on the evaluation data with the same metric (never after the validation result)."""
+    rows, placed = [], set()
+    for result in results:
+        model_row = _model_row(result)
+        rows.append(model_row)
+        if result.dataset_split == "validation":
+            continue
+        for name, values in baselines.items():
+            row = _baseline_row(model_row, name, values, result.metric_type)
+            if row is not None and (name, result.metric_type) not in placed:
+                placed.add((name, result.metric_type))
+                rows.append(row)
+    return rows
+
+
+def _data_line(result: EvalResult) -> str:
+    """What one result was measured on, in words: dataset, split, search sizes, relevance, protocol."""
+    args = result.dataset_args or {}
+    text = f"{_dataset_cell(result)}, {_split_cell(result.dataset_split) or 'split not recorded'}"
+    if args.get("num_queries") and args.get("num_database"):
+        text += f": {args['num_queries']} queries searched against {args['num_database']} database images"
+    if args.get("relevance"):
+        text += f", relevance: {args['relevance']}"
+    if args.get("protocol"):
+        text += f" (splits: {args['protocol']})"
+    return text
+
+
+def _baseline_notes(baselines: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per baseline on how it was made (from its `method` and `num_train`)."""
+    notes = []
+    for name, values in baselines.items():
+        if values.get("method"):
+            trained = f", fitted on {values['num_train']} training images" if values.get("num_train") else ""
+            notes.append(f"{name}: {values['method']}{trained}.")
+    return notes
 
 
 def template_text() -> str:

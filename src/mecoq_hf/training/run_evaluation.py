@@ -81,8 +81,12 @@ def evaluate_run(
         from ..retrieval.baselines import evaluate_pq_baseline
 
         pq = evaluate_pq_baseline(model, splits, **options)
-        report.baselines["pq"] = {report.metric: pq.map_at_k, **pq.details}
-        results["faiss PQ"] = (pq, 8 * model.config.num_codebooks)
+        report.baselines["pq"] = {
+            report.metric: pq.map_at_k,
+            "bits": 8 * model.config.num_codebooks,
+            **pq.details,
+        }
+        results["faiss PQ"] = (pq, report.baselines["pq"]["bits"])
     if pr_curve:
         report.curves = {f"{name} ({bits} bits)": result.pr_curve for name, (result, bits) in results.items()}
     return report

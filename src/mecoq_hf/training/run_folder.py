@@ -247,8 +247,9 @@ class RunFolder:
     ) -> Path:
         """Record the run for its model card (read by `model_card.build_model_card`).
 
-        The data facts (name, Hub id, licence, protocol) come from `splits.json` when its train split is the
-        one trained on; otherwise only the number of training images is known.
+        The data facts (name, Hub id, licence, the source's split and row limit, the protocol and the split
+        sizes) come from `splits.json` when its train split is the one trained on; otherwise only the number
+        of training images is known.
         """
         record = {
             "config": config.to_dict(),
@@ -290,8 +291,12 @@ class RunFolder:
                 "%s does not describe the training images: their source is not recorded.", SPLITS_FILE
             )
             return facts
-        facts.update(name=definition.name, train_split="train")
+        facts.update(name=definition.name, split_sizes=record.get("sizes"))
+        from_database = definition.train_from_database if definition.protocol == "random" else None
         optional = {
+            "train_split": definition.split,  # the source's split that the run's splits were drawn from
+            "limit": definition.limit,
+            "train_from_database": from_database,
             "protocol": record.get("description"),
             "id": definition.hub_id,
             "license": definition.license,
@@ -315,7 +320,8 @@ class RunFolder:
         return EvaluationReport.from_dict(read_json(path, "Metrics file"), where=str(path))
 
     def card_record(self, metrics: str | os.PathLike | None = None) -> dict[str, Any] | None:
-        """The run record with an evaluation report (`metrics`) merged in, as `build_model_card` takes it.
+        """The run record with an evaluation report (`metrics`) merged in, as `build_model_card` takes it:
+        its results and data, and its baselines under their names in tables (`baselines`: "faiss PQ" -> ...).
 
         Without a run record the model's `config.json` stands in for it. None when there is neither a run
         record nor a report (a card then has nothing to say beyond the folder's own README).
@@ -329,6 +335,10 @@ class RunFolder:
         record = dict(record or {"config": read_json(self.path / CONFIG_FILE, "Model config")})
         record["metrics"] = {**(record.get("metrics") or {}), **report.metrics}
         record["eval_datasets"] = {**(record.get("eval_datasets") or {}), "": report.dataset}
+        if report.baselines:  # compared with the model on the report's data, under their names in tables
+            record["baselines"] = {
+                BASELINE_TITLES.get(key, key): value for key, value in report.baselines.items()
+            }
         return record
 
 
