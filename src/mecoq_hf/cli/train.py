@@ -105,7 +105,12 @@ def _train_parser(commands: Any) -> None:
     run.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --output-dir"
     )
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: print one line per phase (caching views, validation features, training, "
+        "each validation) with its duration when it ends",
+    )
     run.add_argument(
         "--set",
         action="append",

@@ -65,7 +65,8 @@ class TrainingArguments:
         feature_cache_dir: keep those frozen-backbone features on disk and reuse them across runs.
         num_workers, on_bad_image: DataLoader workers; "raise" or "skip" for unreadable images.
         log_every_steps, report_to, progress_bar: JSON-lines logging cadence, Accelerate trackers ("auto":
-            TensorBoard when installed), and a tqdm bar on the main process.
+            TensorBoard when installed), and a tqdm bar per phase on the main process (False: one line per
+            phase when it ends; `progress.phase`).
     """
 
     output_dir: str = field(metadata={"plumbing": True})
