@@ -348,13 +348,14 @@ def _split_cell(split: str | None) -> str:
 
 
 def _metric_title(metric_type: str) -> str:
-    """ "map@1000" -> "mAP@1000" (other names unchanged)."""
+    """The table's name of a metric type: `map@1000` -> `mAP@1000` (other names unchanged)."""
     metric, _, k = metric_type.partition("@")
     return f"{METRIC_TITLES.get(metric.lower(), metric)}@{k}" if k else metric_type
 
 
 def _code_cell(metric_config: str | None) -> str:
-    """ "32bits-M4-K256-asymmetric" -> "32 bits (M=4 x K=256), asymmetric" (other configs unchanged)."""
+    """The table's code cell: `32bits-M4-K256-asymmetric` -> `32 bits (M=4 x K=256), asymmetric` (other
+    configs unchanged)."""
     match = CODE_CONFIG.match(metric_config or "")
     if match is None:
         return metric_config or ""
