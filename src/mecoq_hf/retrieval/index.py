@@ -302,7 +302,12 @@ class CodeIndex:
         return self._stored_states.get(backend, {})
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """`backend.name + "." + key` -> tensor, for every backend state to save (built backends win)."""
+        """`backend.name + "." + key` -> tensor, for every backend state to save (built backends win).
+
+        The default backend is built first if it keeps a state (an IVF index saved before its first search
+        still saves its lists)."""
+        if self.ntotal and backend_class(self.backend).state is not IndexBackend.state:
+            self._backend(self.backend)
         states = {name: dict(state) for name, state in self._stored_states.items()}
         for name, backend in self._backends.items():
             state = backend.state()

@@ -96,7 +96,7 @@ def export_lance(index_path: str | os.PathLike, output: str | os.PathLike, *, ov
     lance = import_lance()
     output = Path(output)
     if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite (overwrite=True) to replace it.")
+        raise ValueError(f"{output} exists; pass --overwrite (overwrite=True) to replace it.")
     index = ImageIndex.load(index_path, backend="native")
     codewords, settings = index.index.codewords, index.index.settings
     if codewords.shape[1] != 256 or settings.distance != "asymmetric":
