@@ -27,8 +27,9 @@ def described_index(tmp_path, normalize: bool, **options):
     index = CodeIndex(quantizer.normalized_codebooks(), settings=settings, **options)
     index.add_embeddings(embeddings, ids=torch.arange(3000) * 2 + 10)
     names, paths = [f"c{i}" for i in range(7)], [f"/data/{i}.png" for i in range(3000)]
+    labels = [i % 7 for i in range(3000)]
     sidecar = IndexSidecar.describe(model="org/model", data={"source": "synthetic"}, ids=index.ids.tolist(),
-                                    labels=[i % 7 for i in range(3000)], class_names=names, paths=paths)  # fmt: skip
+                                    labels=labels, class_names=names, paths=paths)  # fmt: skip
     path = ImageIndex(index, sidecar).save(tmp_path / "index.safetensors")
     queries = torch.randn(8, 64, generator=generator) + centers[:8]
     return index, path, queries
