@@ -156,7 +156,7 @@ def _data_command_parsers(commands: Any) -> None:
         "--backend", choices=INDEX_BACKENDS, default="exhaustive",
         help="exhaustive: every code scanned; ivf: faiss IVF lists over the codes (default: exhaustive)",
     )  # fmt: skip
-    build.add_argument("--nlist", type=int, metavar="N", help="IVF lists (default: about 4 sqrt(N))")
+    build.add_argument("--nlist", type=int, metavar="N", help="IVF lists (default: sqrt(N) as a power of two)")
     build.add_argument("--train-size", type=int, metavar="N", help="IVF k-means sample (default 64 x nlist)")
     build.add_argument("--no-on-disk", action="store_true", help="IVF: do not write on-disk inverted lists")
     build.add_argument(

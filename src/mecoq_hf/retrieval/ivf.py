@@ -53,8 +53,10 @@ def ondisk_folder(index_path: str | os.PathLike) -> Path:
 
 
 def default_nlist(num_items: int) -> int:
-    """A rule of thumb for the number of lists: about 4 sqrt(N), a power of two, between 1 and 65536."""
-    target = max(1.0, 4 * np.sqrt(max(num_items, 1)))
+    """The default number of lists: sqrt(N) rounded to a power of two, between 1 and 65536 (1,024 lists for
+    10^6 codes, 4,096 for 10^7). faiss suggests 4-16 sqrt(N) for the fastest search at large N; sqrt(N) keeps
+    the k-means and the assignment of every item affordable on a CPU (see BENCHMARKS.md)."""
+    target = max(1.0, float(np.sqrt(max(num_items, 1))))
     return int(min(65536, 2 ** round(np.log2(target))))
 
 
@@ -70,7 +72,7 @@ def train_coarse_centroids(
     if vectors.shape[0] < nlist:
         raise ValueError(
             f"nlist={nlist} lists need at least {nlist} training vectors, got {vectors.shape[0]}. "
-            "Use a smaller --nlist (about 4 sqrt(N) is a good start)."
+            "Use a smaller --nlist (about sqrt(N) is a good start)."
         )
     faiss = import_faiss()
     data = np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
