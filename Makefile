@@ -18,7 +18,7 @@ $(FMNIST):
 .stamp-install: pyproject.toml constraints.txt | $(FMNIST)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,lance]"
 	# foolbox ships 100 real photos used as test fixtures; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt foolbox
 	touch $@

@@ -114,3 +114,34 @@ def test_datasets_faiss_index_from_an_exported_code_index(saved_model, images, t
     found = reloaded.get_nearest_examples("codes", lookup[0], k=10)
     assert found.examples["index"] == expected.ids[0].tolist()
     np.testing.assert_allclose(found.scores, expected.scores[0].numpy(), atol=1e-5)
+
+
+def test_the_readme_hooks_example_runs(saved_model, images, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("lance")
+    from mecoq_hf.hub import load_model
+    from mecoq_hf.retrieval.image_index import ImageIndex
+    from mecoq_hf.retrieval.lance_export import export_lance
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "pipeline(" in b)
+    monkeypatch.chdir(tmp_path)
+    source = DataSource("fashion-mnist", "test", 300)
+    built = ImageIndex.build(load_model(saved_model), source.load(), model_source=saved_model,
+                             data=source.to_dict(), show_progress_bar=False)  # fmt: skip
+    built.save("fmnist.safetensors")
+    export_lance("fmnist.safetensors", "fmnist.lance")
+    namespace: dict = {}
+    exec(block.replace("runs/fashion-mnist-demo", str(saved_model)), namespace)
+    model = MeCoQModel.from_pretrained(saved_model).eval()
+    transform = build_eval_transform(model.backbone.data_config)
+    with torch.no_grad():
+        expected = built.index.search(model.embed(transform(images[0]["image"])[None]), k=10)
+    np.testing.assert_allclose(namespace["scores"], expected.scores[0].numpy(), atol=1e-5)
+    above = expected.scores[0] > expected.scores[0][-1] + 1e-5  # faiss orders tied items its own way
+    found = torch.tensor(namespace["hits"]["index"])
+    assert set(found[above].tolist()) == set(expected.ids[0][above].tolist())
+    lance_scores = 1 - np.asarray(namespace["table"]["_distance"].to_pylist())
+    np.testing.assert_allclose(np.sort(lance_scores)[::-1], expected.scores[0].numpy(), atol=1e-4)

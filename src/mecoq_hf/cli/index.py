@@ -74,7 +74,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 def cmd_index_export_lance(args: argparse.Namespace) -> int:
     from ..retrieval.lance_export import export_lance
 
-    dataset = export_lance(args.index, args.output, overwrite=args.overwrite)
+    progress = not args.no_progress
+    dataset = export_lance(args.index, args.output, overwrite=args.overwrite, show_progress_bar=progress)
     rows = dataset.count_rows()
     print(f"Wrote a Lance dataset of {rows} rows with an IVF_PQ index (metric dot): {args.output}")
     return 0
@@ -156,7 +157,9 @@ def _data_command_parsers(commands: Any) -> None:
         "--backend", choices=INDEX_BACKENDS, default="exhaustive",
         help="exhaustive: every code scanned; ivf: faiss IVF lists over the codes (default: exhaustive)",
     )  # fmt: skip
-    build.add_argument("--nlist", type=int, metavar="N", help="IVF lists (default: sqrt(N) as a power of two)")
+    build.add_argument(
+        "--nlist", type=int, metavar="N", help="IVF lists (default: sqrt(N) as a power of two)"
+    )
     build.add_argument("--train-size", type=int, metavar="N", help="IVF k-means sample (default 64 x nlist)")
     build.add_argument("--no-on-disk", action="store_true", help="IVF: do not write on-disk inverted lists")
     build.add_argument(
@@ -179,6 +182,7 @@ def _data_command_parsers(commands: Any) -> None:
     export.add_argument("index", metavar="INDEX", help="an index written by mecoq index build")
     export.add_argument("--output", required=True, metavar="DIR.lance", help="the Lance dataset to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    export.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     search = _subparser(
         commands,

@@ -61,11 +61,12 @@ def default_nlist(num_items: int) -> int:
 
 
 def train_coarse_centroids(
-    vectors: torch.Tensor, nlist: int, *, seed: int = 0, niter: int = 20
+    vectors: torch.Tensor, nlist: int, *, seed: int = 0, niter: int = 20, verbose: bool = False
 ) -> torch.Tensor:
     """(nlist, d) unit-norm centroids by spherical k-means on (n, d) vectors (decoded codes or embeddings).
 
     faiss samples at most 256 vectors per centroid; pass at least 39 x nlist vectors (it warns below that).
+    `verbose` prints faiss' progress, one line per iteration.
     """
     if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1:
         raise ValueError(f"nlist must be a positive integer, got {nlist!r}.")
@@ -76,7 +77,7 @@ def train_coarse_centroids(
         )
     faiss = import_faiss()
     data = np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
-    kmeans = faiss.Kmeans(data.shape[1], nlist, niter=niter, spherical=True, seed=seed, verbose=False)
+    kmeans = faiss.Kmeans(data.shape[1], nlist, niter=niter, spherical=True, seed=seed, verbose=verbose)
     kmeans.train(data)
     return torch.from_numpy(kmeans.centroids.copy())  # (nlist, d)
 

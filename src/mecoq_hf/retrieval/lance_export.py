@@ -83,13 +83,20 @@ def _schema(index: ImageIndex) -> Any:
     return pa.schema(fields, metadata=metadata)
 
 
-def export_lance(index_path: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Any:
+def export_lance(
+    index_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    show_progress_bar: bool = True,
+) -> Any:
     """Write the Lance dataset of an index file and its IVF_PQ index; returns the `lance.LanceDataset`.
 
     Args:
         index_path: an index file (`mecoq index build`, `CodeIndex.save`); K = 256 and asymmetric scoring.
         output: the dataset folder to write (conventionally `name.lance`).
         overwrite: replace an existing dataset instead of refusing.
+        show_progress_bar: a bar over the rows written, and a line before Lance builds its index.
 
     Memory: `EXPORT_CHUNK` decoded rows at a time, plus what Lance holds while building its index.
     """
@@ -111,11 +118,17 @@ def export_lance(index_path: str | os.PathLike, output: str | os.PathLike, *, ov
     import pyarrow as pa
 
     schema = _schema(index)
-    reader = pa.RecordBatchReader.from_batches(schema, _batches(index, schema))
+    from tqdm.auto import tqdm
+
+    batches = tqdm(_batches(index, schema), desc="lance rows", unit="batch", disable=not show_progress_bar,
+                   total=-(-index.index.ntotal // EXPORT_CHUNK))  # fmt: skip
+    reader = pa.RecordBatchReader.from_batches(schema, batches)
     dataset = lance.write_dataset(reader, str(output), mode="overwrite" if overwrite else "create")
     centroids = index.index.stored_state("ivf").get("centroids")
     if centroids is None:
         centroids = torch.zeros(1, index.index.dim)  # one partition: every row scanned
+    if show_progress_bar:
+        print(f"Lance IVF_PQ index: {centroids.shape[0]} partitions, our codebooks {tuple(codewords.shape)}")
     dataset.create_index(
         "vector", "IVF_PQ", metric="dot", num_partitions=centroids.shape[0],
         ivf_centroids=centroids.to(torch.float32).numpy(), pq_codebook=codewords.numpy(),

@@ -299,10 +299,11 @@ def _merge(
     shards = [_read_shard(folder, shard, plan) for shard in tqdm(range(plan.num_shards), desc="check shards",
                                                                   disable=not show_progress_bar)]  # fmt: skip
     codewords = model.codebooks().detach().to("cpu", torch.float32)
-    plans, metadata = _merged_plans(shards, codewords, settings, plan)
+    plans, metadata = _merged_plans(shards, codewords, settings, plan, show_progress_bar)
     if backend == "ivf":
         nlist = nlist if nlist is not None else ivf.default_nlist(plan.num_items)
-        centroids = _train_centroids(shards, codewords, nlist, train_size or 64 * nlist, seed)
+        size = train_size or 64 * nlist
+        centroids = _train_centroids(shards, codewords, nlist, size, seed, show_progress_bar)
         quantizer = ivf.coarse_quantizer(centroids)
         plans["ivf.centroids"] = TensorPlan.of(centroids)
         plans["ivf.lists"] = TensorPlan(torch.int32, (plan.num_items,), lambda: (
@@ -347,7 +348,11 @@ def _read_shard(folder: Path, shard: int, plan: BuildPlan) -> IndexFile:
 
 
 def _merged_plans(
-    shards: list[IndexFile], codewords: torch.Tensor, settings: SearchSettings, plan: BuildPlan
+    shards: list[IndexFile],
+    codewords: torch.Tensor,
+    settings: SearchSettings,
+    plan: BuildPlan,
+    show_progress_bar: bool = False,
 ) -> tuple[dict[str, TensorPlan], dict[str, str]]:
     """Tensor plans concatenating the shards (codes, ids, labels, paths) and the merged file's header."""
     first = shards[0]
@@ -359,9 +364,15 @@ def _merged_plans(
             dtype, (plan.num_items, *row_shape), lambda: (shard.tensors[name] for shard in shards)
         )
 
+    def codes() -> Iterator[torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(shards, desc="merge shards", disable=not show_progress_bar)
+        return (shard.tensors["codes"] for shard in bar)
+
     plans = {
         "codebooks": TensorPlan.of(codewords),
-        "codes": concatenation("codes", codes_dtype, (num_codebooks,)),
+        "codes": TensorPlan(codes_dtype, (plan.num_items, num_codebooks), codes),
         "ids": concatenation("ids", torch.int64, ()),
     }
     if "labels" in first.tensors:
@@ -412,7 +423,7 @@ def _path_plans(shards: list[IndexFile], num_items: int) -> dict[str, TensorPlan
 
 
 def _train_centroids(
-    shards: list[IndexFile], codewords: torch.Tensor, nlist: int, size: int, seed: int
+    shards: list[IndexFile], codewords: torch.Tensor, nlist: int, size: int, seed: int, verbose: bool
 ) -> torch.Tensor:
     """k-means centroids on a seeded uniform sample of `size` decoded codes drawn across all shards."""
     from ..models.mecoq.quantization import decode_codes
@@ -426,7 +437,9 @@ def _train_centroids(
         local = chosen[(chosen >= start) & (chosen < start + count)] - start
         parts.append(decode_codes(shard.tensors["codes"][local], codewords))
         start += count
-    return ivf.train_coarse_centroids(torch.cat(parts), nlist, seed=seed)
+    if verbose:
+        print(f"k-means: {nlist} lists on {int(chosen.numel())} decoded codes", flush=True)
+    return ivf.train_coarse_centroids(torch.cat(parts), nlist, seed=seed, verbose=verbose)
 
 
 __all__ = ["DEFAULT_SHARD_SIZE", "INDEX_BACKENDS", "BuildPlan", "build_index", "parts_folder"]

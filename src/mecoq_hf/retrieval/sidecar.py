@@ -25,6 +25,8 @@ from ..file_io import read_json, write_json
 if TYPE_CHECKING:
     import PIL.Image
 
+    from ..data.sources import DataSource
+
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = "mecoq-hf/index-sidecar"
 SIDECAR_VERSION = 1
@@ -150,11 +152,15 @@ class IndexSidecar:
         by_id = self._paths_by_id
         return [by_id.get(item) for item in ids]
 
-    def images(self, ids: Sequence[int]) -> list[PIL.Image.Image]:
-        """The images of `ids`, in that order, reloaded from the recorded data source."""
+    def data_source(self) -> DataSource:
+        """The recorded data source of the indexed images (`data.DataSource`; `.load()` gives the dataset)."""
         from ..data.sources import DataSource
 
-        return DataSource(**self.data).images_by_id(list(ids))
+        return DataSource(**self.data)
+
+    def images(self, ids: Sequence[int]) -> list[PIL.Image.Image]:
+        """The images of `ids`, in that order, reloaded from the recorded data source."""
+        return self.data_source().images_by_id(list(ids))
 
 
 # inside an index file (format version 2)
