@@ -299,20 +299,33 @@ class FaissIVF(IndexBackend):
         self.lists.append(lists)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ties go to the earlier position, as in the native scan: faiss is asked for more than k results
-        until no row's k-th score is tied with its last candidate, then each row is sorted stably."""
+        """Ties go to the earlier position, as in the native scan: faiss is asked for 2k results, each row is
+        sorted stably by position among equal scores, and only the rows whose k-th score is tied with their
+        last candidate are searched again with 4x more candidates (until nothing tied can be left out)."""
         queries_np = faiss_queries(queries, self.index)
-        wanted = min(2 * k, max(self.index.ntotal, 1))
-        while True:
-            scores, positions = self.faiss_index.search(queries_np, wanted)  # (Q, wanted)
-            order = np.lexsort((np.where(positions < 0, np.iinfo(np.int64).max, positions), -scores), axis=1)
-            scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
-            cut = min(k, wanted) - 1
-            complete = (positions[:, -1] < 0) | (scores[:, cut] > scores[:, -1])
-            if wanted <= k or wanted >= self.index.ntotal or complete.all():
-                break
-            wanted = min(4 * wanted, self.index.ntotal)
-        return torch.from_numpy(scores[:, :k]), torch.from_numpy(positions[:, :k])  # -1: fewer scanned
+        ntotal = max(self.index.ntotal, 1)
+        wanted = min(2 * k, ntotal)
+        scores, positions = self._ranked(queries_np, wanted)  # (Q, wanted)
+        width = min(k, wanted)
+        best_scores, best_positions = scores[:, :width].copy(), positions[:, :width].copy()
+        rows = np.flatnonzero(_tie_left_out(scores, positions, width))
+        while rows.size and wanted < ntotal:
+            wanted = min(4 * wanted, ntotal)
+            scores, positions = self._ranked(queries_np[rows], wanted)
+            best_scores[rows], best_positions[rows] = scores[:, :width], positions[:, :width]
+            rows = rows[_tie_left_out(scores, positions, width)]
+        return torch.from_numpy(best_scores), torch.from_numpy(best_positions)  # -1: fewer were scanned
+
+    def _ranked(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss' top `count`, re-ordered by descending score, then ascending position (-1 last)."""
+        scores, positions = self.faiss_index.search(queries, count)
+        order = np.lexsort((np.where(positions < 0, np.iinfo(np.int64).max, positions), -scores), axis=1)
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def _tie_left_out(scores: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
+    """(Q,) rows of ranked candidates whose `width`-th score equals their last one while more may exist."""
+    return (positions[:, -1] >= 0) & (scores[:, width - 1] == scores[:, -1])
 
 
 # The registry: name -> backend class. The CLI's --backend choices and `CodeIndex` read it.
