@@ -1,4 +1,6 @@
-"""An index of an image dataset: a `CodeIndex` plus its sidecar, built from a model and searched with images.
+"""An index of an image dataset: a `CodeIndex` and the description of its items (`IndexSidecar`), built from a
+model and searched with images; both are saved as one file (`CodeIndex.save(path, sidecar=...)`).
+`sharded_build.build_index` builds the same file in shards (bounded memory, several processes, resumable).
 
 What `mecoq index build` and `mecoq search` do, as a library (`source` a `data.DataSource`):
 

@@ -1,11 +1,13 @@
 """A searchable index of MeCoQ product-quantization codes (M bytes per item for K = 256).
 
 `CodeIndex` keeps the hard codes (N, M), the codewords (M, K, D), int64 user ids and the `SearchSettings`,
-and answers top-k queries through a search backend from `backends.BACKENDS` (the native torch scan, or faiss
-`IndexPQ`). It follows faiss' verbs (`add`, `search`, `ntotal`, `reconstruct`) and can export itself as a
-faiss `IndexPQ`. Files are safetensors with a format version and a checksum; `sidecar.IndexSidecar`
-describes what the ids stand for, and `image_index.ImageIndex` builds and searches both from a model and a
-dataset. The native backend breaks ranking ties by database position (lower first), as `evaluation.py` does.
+and answers top-k queries through a search backend from `backends.BACKENDS` (the native torch scan, faiss
+`IndexPQ`, or faiss `IndexIVFPQ` over coarse lists). It follows faiss' verbs (`add`, `search`, `ntotal`,
+`reconstruct`) and can export itself as a faiss `IndexPQ`. A file (`index_file.py`) is one safetensors unit
+under one checksum: codes, ids, the description of the items (`sidecar.IndexSidecar`: labels, paths, model,
+data source) and backend state (the IVF lists). `image_index.ImageIndex` builds and searches indexes of image
+datasets. The native and IVF backends break ranking ties by database position (lower first), as
+`evaluation.py` does.
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ class CodeIndex:
             is kept as `codewords`.
         settings: how queries are scored (`SearchSettings`); None: `SearchSettings()`, `MeCoQConfig`'s
             defaults. `CodeIndex.from_model` takes them from the model's config.
-        backend: default search backend, a key of `backends.BACKENDS`: "native" (torch scan) or "faiss"
-            (`IndexPQ`, asymmetric, K = 256 only).
-        **backend_options: options of that backend, e.g. `block_size=4096` for "native".
+        backend: default search backend, a key of `backends.BACKENDS`: "native" (exact torch scan, the
+            evaluation's tie rule), "faiss" (`IndexPQ`) or "ivf" (`IndexIVFPQ`), both asymmetric, K = 256.
+            `backends.exhaustive_backend` names the faster exact one for given codebooks.
+        **backend_options: options of that backend, e.g. `block_size=4096` for "native", `nlist=1024,
+            nprobe=16` for "ivf".
 
     Example:
         >>> index = CodeIndex(torch.nn.functional.normalize(torch.randn(4, 256, 16), dim=-1))
@@ -315,7 +319,7 @@ class CodeIndex:
                 states[name] = state
         return {f"{name}.{key}": tensor for name, state in states.items() for key, tensor in state.items()}
 
-    def file_plans(self) -> tuple[dict[str, TensorPlan], dict[str, str]]:
+    def _file_plans(self) -> tuple[dict[str, TensorPlan], dict[str, str]]:
         """The tensors and header entries of this index's file (without an item description)."""
         num_codebooks, codebook_size, subvector_dim = self._codewords.shape
         tensors = {
@@ -345,7 +349,7 @@ class CodeIndex:
 
         The backend choice is not stored (it is chosen when loading), but backend state is (the IVF lists).
         """
-        plans, metadata = self.file_plans()
+        plans, metadata = self._file_plans()
         if sidecar is not None:
             if sidecar.ids != self.ids.tolist():
                 raise ValueError("The sidecar's ids are not this index's ids (in insertion order).")
