@@ -228,3 +228,24 @@ def test_an_unsupported_format_version_is_named(tmp_path):
     with pytest.raises(IndexFormatError, match="format version 9, this mecoq-hf reads versions 1, 2"):
         CodeIndex.load(tmp_path / "future.safetensors")
     assert np.array_equal(CodeIndex.load(path).codes.numpy(), index.codes.numpy())
+
+
+def test_search_defaults_to_ivf_for_ivf_files_and_else_the_faster_exhaustive_backend(tmp_path, monkeypatch):
+    from mecoq_hf.retrieval.backends import exhaustive_backend
+    from mecoq_hf.retrieval.image_index import ImageIndex
+
+    index, queries = clustered_index(count=2000)
+    flat = index.save(tmp_path / "flat.safetensors")
+    lists = CodeIndex(index.codewords, backend="ivf", nlist=8)
+    lists.add(index.codes, index.ids)
+    with_lists = lists.save(tmp_path / "lists.safetensors")
+    assert ImageIndex.load(with_lists).index.backend == "ivf"
+    for threads, expected in ((1, "native"), (2, "faiss")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert exhaustive_backend(index.codewords, index.settings) == expected
+        assert ImageIndex.load(flat).index.backend == expected
+    assert exhaustive_backend(index.codewords, SearchSettings("symmetric"), threads=2) == "native"
+    small = F.normalize(torch.randn(4, 16, 16), dim=-1)
+    assert exhaustive_backend(small, index.settings, threads=2) == "native"  # faiss needs K = 256
+    loaded = ImageIndex.load(flat)
+    torch.testing.assert_close(loaded.index.search(queries, 5).scores, index.search(queries, 5).scores)

@@ -335,14 +335,20 @@ BACKENDS: dict[str, type[IndexBackend]] = {
 EXHAUSTIVE_BACKENDS = ("native", "faiss")
 
 
-def exhaustive_backend(codewords: torch.Tensor, settings: SearchSettings) -> str:
-    """The faster exact backend for (M, K, D) codebooks: faiss `IndexPQ` where it applies (K = 256,
-    asymmetric) at M <= 4, the native scan otherwise (measured in benchmarks/results/index_scale.json)."""
+def exhaustive_backend(codewords: torch.Tensor, settings: SearchSettings, threads: int | None = None) -> str:
+    """The faster exact backend for (M, K, D) codebooks, as measured by `benchmarks/bench_index.py --scale`
+    (BENCHMARKS.md, "Index scale"): the native scan with one thread (faster than faiss `IndexPQ` at M = 4
+    and 8, and the evaluation's tie rule), faiss `IndexPQ` with more threads where it applies (K = 256,
+    asymmetric): torch parallelises each operation and stalls at its barriers, faiss once per search.
+
+    Args:
+        codewords: (M, K, D) codebooks.
+        settings: the scoring.
+        threads: the thread count searches will use; None: `torch.get_num_threads()`.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
     faiss_applies = codewords.shape[1] == 256 and settings.distance == "asymmetric"
-    return "faiss" if faiss_applies and codewords.shape[0] <= FAISS_MAX_CODEBOOKS else "native"
-
-
-FAISS_MAX_CODEBOOKS = 4  # from the benchmark: faiss IndexPQ is faster up to M = 4, the native scan above
+    return "faiss" if faiss_applies and threads > 1 else "native"
 
 
 def backend_class(name: str) -> type[IndexBackend]:
