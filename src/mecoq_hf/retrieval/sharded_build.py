@@ -256,6 +256,8 @@ def _encode_missing_shards(
     if accelerator is not None:
         model.to(accelerator.device)
     missing = [shard for shard in range(plan.num_shards) if not _shard_done(folder, shard, plan)]
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every rank has listed the missing shards before any is written
     mine = missing[rank::world]
     if world > 1:
         print(f"rank {rank}/{world} encodes shards {mine} of {plan.num_shards}", flush=True)
