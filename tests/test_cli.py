@@ -261,11 +261,10 @@ def test_index_build_then_search_prints_ranked_results_and_draws_a_grid(trained,
     status, out, _ = run_cli(["index", "build", str(trained), "--dataset", "fashion-mnist", "--limit", "100",
                               "--output", str(index_path), "--no-progress"], capsys)  # fmt: skip
     assert status == 0 and "Indexed 100 images" in out
-    index = CodeIndex.load(index_path)
+    index, sidecar = CodeIndex.load_with_sidecar(index_path)  # the labels are inside the index file
     assert index.ntotal == 100 and torch.equal(index.ids, torch.arange(100))
-    sidecar = json.loads(index_path.with_suffix(".meta.json").read_text())
     images = load_fashion_mnist("train", limit=100)
-    assert sidecar["labels"] == images["label"] and sidecar["class_names"][0] == "T-shirt/top"
+    assert sidecar.labels == images["label"] and sidecar.class_names[0] == "T-shirt/top"
 
     query_path, grid_path = tmp_path / "query.png", tmp_path / "grid.png"
     images[7]["image"].save(query_path)  # a database image, saved losslessly
@@ -305,9 +304,9 @@ def test_unlabelled_image_folder_is_indexed_with_its_paths(trained, tmp_path, ca
     assert status == 2 and "--label-column none" in err  # a flat folder has no class sub-folders
     status, _, _ = run_cli([*build, "--label-column", "none"], capsys)
     assert status == 0
-    sidecar = json.loads(index_path.with_suffix(".meta.json").read_text())
-    assert sidecar["labels"] is None and sidecar["data"]["source"] == str(folder)
-    assert sorted(Path(path).name for path in sidecar["paths"]) == [f"item_{n:02d}.png" for n in range(12)]
+    _, sidecar = CodeIndex.load_with_sidecar(index_path)
+    assert sidecar.labels is None and sidecar.data["source"] == str(folder)
+    assert sorted(Path(path).name for path in sidecar.paths) == [f"item_{n:02d}.png" for n in range(12)]
     status, out, _ = run_cli(["search", str(index_path), "--image", str(folder / "item_03.png"), "--top-k",
                               "3", "--grid", str(tmp_path / "grid.png")], capsys)  # fmt: skip
     assert status == 0

@@ -347,17 +347,17 @@ def test_a_backend_is_one_class_and_one_registry_entry(filled_index, monkeypatch
 
 def test_unknown_backends_and_options_are_named():
     codebooks = make_codebooks()
-    with pytest.raises(ValueError, match=r"backend must be one of \('native', 'faiss'\), got 'ivf'"):
-        CodeIndex(codebooks, backend="ivf")
+    with pytest.raises(ValueError, match=r"backend must be one of \('native', 'faiss', 'ivf'\), got 'hnsw'"):
+        CodeIndex(codebooks, backend="hnsw")
     with pytest.raises(
         ValueError, match=r"'native' backend takes the options \('query_batch_size', 'block_size'\)"
     ):
         CodeIndex(codebooks, nprobe=8)
-    with pytest.raises(ValueError, match="'faiss' backend takes the options none"):
+    with pytest.raises(ValueError, match=r"'faiss' backend takes the options \('shards',\)"):
         CodeIndex(codebooks, backend="faiss", block_size=64)
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
         CodeIndex(codebooks, block_size=0).search(torch.randn(1, 32), 3)
     index = CodeIndex(codebooks, block_size=64)
     index.add(random_codes(10))
     with pytest.raises(ValueError, match="backend must be one of"):
-        index.search(torch.randn(1, 32), 3, backend="ivf")
+        index.search(torch.randn(1, 32), 3, backend="hnsw")

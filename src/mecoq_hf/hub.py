@@ -251,9 +251,9 @@ def load_index_from_hub(
 ) -> CodeIndex:
     """Download `filename` from `repo_id` and open it with `CodeIndex.load` (format and checksum checked).
 
-    `backend` is the index's search backend ("native" or "faiss"). Raises `index.IndexFormatError` (a
-    `ValueError`) for a damaged file, and huggingface_hub's not-found errors for a wrong repo, file or
-    revision.
+    `backend` is the index's search backend ("native", "faiss", or "ivf" for an index built with lists).
+    Raises `index.IndexFormatError` (a `ValueError`) for a damaged file, and huggingface_hub's not-found
+    errors for a wrong repo, file or revision.
     """
     from .retrieval.index import CodeIndex
 

@@ -1,4 +1,4 @@
-"""`mecoq encode`, `mecoq index build` and `mecoq search`."""
+"""`mecoq encode`, `mecoq index build`, `mecoq index export-lance` and `mecoq search`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from ..models.mecoq.configuration_mecoq import DISTANCES
 from ..retrieval.backends import BACKENDS
+from ..retrieval.sharded_build import DEFAULT_SHARD_SIZE, INDEX_BACKENDS
 from .common import (
     Handler,
     _data_options,
@@ -49,29 +50,48 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from ..retrieval.image_index import ImageIndex
-    from ..retrieval.sidecar import sidecar_path
+    from ..retrieval.sharded_build import build_index
 
     model, data, accelerator, images = _model_and_images(args)
-    built = ImageIndex.build(
-        model, images, model_source=args.model, data=data.to_dict(), accelerator=accelerator,
-        distance=args.distance, **_encoding_options(args),
+    output = build_index(
+        model, images, output=args.output, model_source=args.model, data=data.to_dict(),
+        shard_size=args.shard_size, backend=args.backend, nlist=args.nlist, train_size=args.train_size,
+        on_disk=not args.no_on_disk, distance=args.distance, accelerator=accelerator,
+        **_encoding_options(args),
     )  # fmt: skip
-    if accelerator.is_main_process:
-        built.save(args.output)
     _finish(accelerator)
-    _say(
-        accelerator,
-        f"Indexed {built.index.ntotal} images of {data.name} ({built.index.settings.distance} search): "
-        f"{args.output} (+ {sidecar_path(args.output).name})",
-    )
+    if accelerator.is_main_process:
+        from ..retrieval.index import CodeIndex
+
+        index = CodeIndex.load(output, verify=False)
+        lists = index.stored_state("ivf").get("centroids")
+        kind = f"IVF, {lists.shape[0]} lists" if lists is not None else "exhaustive"
+        _say(accelerator, f"Indexed {index.ntotal} images of {data.name} ({kind}, {index.settings.distance} "
+                          f"search): {output}")  # fmt: skip
+    return 0
+
+
+def cmd_index_export_lance(args: argparse.Namespace) -> int:
+    from ..retrieval.lance_export import export_lance
+
+    progress = not args.no_progress
+    dataset = export_lance(args.index, args.output, overwrite=args.overwrite, show_progress_bar=progress)
+    rows = dataset.count_rows()
+    print(f"Wrote a Lance dataset of {rows} rows with an IVF_PQ index (metric dot): {args.output}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..retrieval.image_index import ImageIndex, read_image
+    from ..retrieval.image_index import ImageIndex, default_backend, read_image
 
-    index = ImageIndex.load(args.index, backend=args.backend)
+    backend = args.backend or default_backend(args.index)
+    if args.nprobe is not None and backend != "ivf":
+        raise ValueError(
+            f"--nprobe is an IVF setting, but {args.index} is searched with the exhaustive {backend!r} "
+            "backend. Rebuild it with `mecoq index build ... --backend ivf`, or drop --nprobe."
+        )
+    options = {"nprobe": args.nprobe} if args.nprobe is not None else {}
+    index = ImageIndex.load(args.index, backend=backend, **options)
     model = index.load_model(args.model)
     query_image = read_image(args.image)
     hits = index.search(model, query_image, k=args.top_k)
@@ -116,19 +136,53 @@ def _data_command_parsers(commands: Any) -> None:
     encode.add_argument("--embeddings", action="store_true", help="also store the embeddings (N, d)")
 
     index = commands.add_parser("index", help="build a searchable code index", description="Code indexes.")
-    builders = index.add_subparsers(dest="index_command", metavar="{build}", required=True)
+    builders = index.add_subparsers(dest="index_command", metavar="{build,export-lance}", required=True)
     build = _encoding_parser(
         builders,
         "build",
         cmd_index_build,
         "encode a dataset into a CodeIndex",
         (
-            "Encode a dataset and write a CodeIndex (ids = the dataset's index column) plus INDEX.meta.json\n"
-            "with the labels, image paths and data source, which mecoq search prints and draws."
+            "Encode a dataset and write one CodeIndex file (ids = the dataset's index column) holding\n"
+            "the codes and, under the same checksum, the labels, image paths and data source that\n"
+            "mecoq search prints. The dataset is encoded in shards (OUTPUT.parts/, removed at the end):\n"
+            "an interrupted build resumes when the same command is run again, and under\n"
+            "`accelerate launch` each process encodes its own shards. --backend ivf adds coarse lists\n"
+            "(and on-disk inverted lists in OUTPUT.ivf/)."
         ),
         "index.safetensors",
     )
     build.add_argument("--distance", choices=DISTANCES, help="default: the model's config")
+    build.add_argument(
+        "--backend", choices=INDEX_BACKENDS, default="exhaustive",
+        help="exhaustive: every code scanned; ivf: faiss IVF lists over the codes (default: exhaustive)",
+    )  # fmt: skip
+    build.add_argument(
+        "--nlist", type=int, metavar="N", help="IVF lists (default: sqrt(N) as a power of two)"
+    )
+    build.add_argument("--train-size", type=int, metavar="N", help="IVF k-means sample (default 64 x nlist)")
+    build.add_argument("--no-on-disk", action="store_true", help="IVF: do not write on-disk inverted lists")
+    build.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+        help=f"images per shard: the memory bound and the unit of resumption (default {DEFAULT_SHARD_SIZE})",
+    )  # fmt: skip
+
+    export = _subparser(
+        builders,
+        "export-lance",
+        cmd_index_export_lance,
+        "write a Lance dataset with an IVF_PQ index on the learned codebooks",
+        (
+            "Write a Lance dataset (id, label, path, vector = the decoded codes) and an IVF_PQ index\n"
+            "built from the index's own codebooks and lists (metric dot), searchable with plain\n"
+            "`lance` / `lancedb`.\n"
+            "Needs `pip install mecoq-hf[lance]`."
+        ),
+    )
+    export.add_argument("index", metavar="INDEX", help="an index written by mecoq index build")
+    export.add_argument("--output", required=True, metavar="DIR.lance", help="the Lance dataset to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    export.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     search = _subparser(
         commands,
@@ -145,7 +199,7 @@ def _data_command_parsers(commands: Any) -> None:
     search.add_argument(
         "--backend",
         choices=tuple(BACKENDS),
-        default="native",
         help="; ".join(f"{name}: {backend.description}" for name, backend in BACKENDS.items())
-        + " (default: native)",
+        + " (default: ivf for an index built with --backend ivf, else the faster exhaustive one)",
     )
+    search.add_argument("--nprobe", type=int, metavar="P", help="IVF lists scanned per query (default 16)")

@@ -1,4 +1,6 @@
-"""An index of an image dataset: a `CodeIndex` plus its sidecar, built from a model and searched with images.
+"""An index of an image dataset: a `CodeIndex` and the description of its items (`IndexSidecar`), built from a
+model and searched with images; both are saved as one file (`CodeIndex.save(path, sidecar=...)`).
+`sharded_build.build_index` builds the same file in shards (bounded memory, several processes, resumable).
 
 What `mecoq index build` and `mecoq search` do, as a library (`source` a `data.DataSource`):
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..file_io import check_readable
 from .index import CodeIndex
 from .sidecar import IndexSidecar, sidecar_path
 
@@ -24,6 +27,9 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from ..models.mecoq.modeling_mecoq import MeCoQModel
+
+
+BUILD_FIX = "Build it with `mecoq index build` or `CodeIndex.save`."
 
 
 class SearchHit(NamedTuple):
@@ -89,18 +95,32 @@ class ImageIndex:
         return cls(index, sidecar)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index file and, next to it, its sidecar (`sidecar.sidecar_path`); returns the path."""
-        written = self.index.save(path)
-        if self.sidecar is not None:
-            self.sidecar.save(written)
+        """Write the index and its description as one file (format version 2, one checksum); returns the path.
+
+        A JSON sidecar left next to it by an older version is removed: it described an earlier build.
+        """
+        written = self.index.save(path, sidecar=self.sidecar)
+        sidecar_path(written).unlink(missing_ok=True)
         self.path = written
         return written
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backend: str = "native") -> ImageIndex:
-        """Read an index file and its sidecar (if there is one); `backend` as in `CodeIndex.load`."""
-        index = CodeIndex.load(path, backend=backend)  # FileNotFoundError / PermissionError name the fix
-        return cls(index, IndexSidecar.load(path), Path(path))
+    def load(
+        cls, path: str | os.PathLike, *, backend: str | None = None, **backend_options: Any
+    ) -> ImageIndex:
+        """Read an index file with its description; `backend` and its options as in `CodeIndex.load`.
+
+        backend None: "ivf" for an index built with IVF lists, else the faster exhaustive backend
+        (`backends.exhaustive_backend`). A version-1 file's description is its JSON sidecar, checked to
+        describe the same ids (a sidecar of another build is refused).
+        """
+        backend = backend or default_backend(path)
+        index, sidecar = CodeIndex.load_with_sidecar(path, backend=backend, **backend_options)
+        if index.file.version == 1:
+            sidecar = IndexSidecar.load(path)
+            if sidecar is not None:
+                sidecar.check_matches(index.ids, str(sidecar_path(path)))
+        return cls(index, sidecar, Path(path))
 
     # the model
 
@@ -154,6 +174,30 @@ class ImageIndex:
         return self.sidecar.images(ids)
 
 
+def default_backend(path: str | os.PathLike) -> str:
+    """The backend `ImageIndex.load` uses for an index file when none is named (reads the header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .backends import exhaustive_backend
+    from .scoring import SearchSettings
+
+    try:
+        with safe_open(check_readable(path, "Index file", BUILD_FIX), framework="pt") as file:
+            names, metadata = set(file.keys()), file.metadata() or {}
+            shape = tuple(
+                int(metadata.get(key, 0)) for key in ("num_codebooks", "codebook_size", "subvector_dim")
+            )
+            distance = metadata.get("distance", "asymmetric")
+    except (SafetensorError, ValueError):
+        return "native"  # `CodeIndex.load` names what is wrong with the file
+    if "ivf.centroids" in names:
+        return "ivf"
+    import torch
+
+    settings = SearchSettings(distance if distance in ("asymmetric", "symmetric") else "asymmetric")
+    return exhaustive_backend(torch.empty(shape), settings)
+
+
 def read_image(image: PIL.Image.Image | str | os.PathLike) -> PIL.Image.Image:
     """A PIL image as given, or read fully from a file path (FileNotFoundError when there is none)."""
     if not isinstance(image, (str, os.PathLike)):
@@ -166,4 +210,4 @@ def read_image(image: PIL.Image.Image | str | os.PathLike) -> PIL.Image.Image:
     return decode_image({"bytes": None, "path": str(path)}, str(path))
 
 
-__all__ = ["ImageIndex", "SearchHit", "read_image"]
+__all__ = ["ImageIndex", "SearchHit", "default_backend", "read_image"]

@@ -1,16 +1,17 @@
 """A searchable index of MeCoQ product-quantization codes (M bytes per item for K = 256).
 
 `CodeIndex` keeps the hard codes (N, M), the codewords (M, K, D), int64 user ids and the `SearchSettings`,
-and answers top-k queries through a search backend from `backends.BACKENDS` (the native torch scan, or faiss
-`IndexPQ`). It follows faiss' verbs (`add`, `search`, `ntotal`, `reconstruct`) and can export itself as a
-faiss `IndexPQ`. Files are safetensors with a format version and a checksum; `sidecar.IndexSidecar`
-describes what the ids stand for, and `image_index.ImageIndex` builds and searches both from a model and a
-dataset. The native backend breaks ranking ties by database position (lower first), as `evaluation.py` does.
+and answers top-k queries through a search backend from `backends.BACKENDS` (the native torch scan, faiss
+`IndexPQ`, or faiss `IndexIVFPQ` over coarse lists). It follows faiss' verbs (`add`, `search`, `ntotal`,
+`reconstruct`) and can export itself as a faiss `IndexPQ`. A file (`index_file.py`) is one safetensors unit
+under one checksum: codes, ids, the description of the items (`sidecar.IndexSidecar`: labels, paths, model,
+data source) and backend state (the IVF lists). `image_index.ImageIndex` builds and searches indexes of image
+datasets. The native and IVF backends break ranking ties by database position (lower first), as
+`evaluation.py` does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -19,25 +20,27 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..file_io import check_readable, write_atomic
 from ..models.mecoq.configuration_mecoq import DISTANCES
 from ..models.mecoq.quantization import check_codebooks, check_codes, code_dtype, decode_codes, hard_codes
-from .backends import IndexBackend, backend_class, check_backend_options
+from .backends import BACKENDS, IndexBackend, backend_class, check_backend_options
 from .faiss_interop import add_codes, import_faiss, index_pq
+from .index_file import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IndexFile,
+    IndexFormatError,
+    TensorPlan,
+    read_index_file,
+    write_index_file,
+)
 from .scoring import SearchSettings, check_query_embeddings
+from .sidecar import IndexSidecar, sidecar_file_entries, sidecar_from_file
 
 if TYPE_CHECKING:
     import faiss
 
-FORMAT_NAME = "mecoq-hf/code-index"
-FORMAT_VERSION = 1
-TENSOR_NAMES = ("codebooks", "codes", "ids")
 METADATA_KEYS = (
-    "format",
-    "format_version",
     "num_codebooks",
     "codebook_size",
     "subvector_dim",
@@ -45,10 +48,6 @@ METADATA_KEYS = (
     "distance",
     "normalize_query_subvectors",
 )
-
-
-class IndexFormatError(ValueError):
-    """An index file is not a complete, unmodified `CodeIndex` file of a supported version."""
 
 
 class SearchResult(NamedTuple):
@@ -74,9 +73,11 @@ class CodeIndex:
             is kept as `codewords`.
         settings: how queries are scored (`SearchSettings`); None: `SearchSettings()`, `MeCoQConfig`'s
             defaults. `CodeIndex.from_model` takes them from the model's config.
-        backend: default search backend, a key of `backends.BACKENDS`: "native" (torch scan) or "faiss"
-            (`IndexPQ`, asymmetric, K = 256 only).
-        **backend_options: options of that backend, e.g. `block_size=4096` for "native".
+        backend: default search backend, a key of `backends.BACKENDS`: "native" (exact torch scan, the
+            evaluation's tie rule), "faiss" (`IndexPQ`) or "ivf" (`IndexIVFPQ`), both asymmetric, K = 256.
+            `backends.exhaustive_backend` names the faster exact one for given codebooks.
+        **backend_options: options of that backend, e.g. `block_size=4096` for "native", `nlist=1024,
+            nprobe=16` for "ivf".
 
     Example:
         >>> index = CodeIndex(torch.nn.functional.normalize(torch.randn(4, 256, 16), dim=-1))
@@ -94,6 +95,17 @@ class CodeIndex:
         backend: str = "native",
         **backend_options: Any,
     ) -> None:
+        self._init(codebooks, settings, backend, backend_options, {}, None)
+
+    def _init(
+        self,
+        codebooks: torch.Tensor,
+        settings: SearchSettings | None,
+        backend: str,
+        backend_options: dict[str, Any],
+        stored_states: dict[str, dict[str, torch.Tensor]],
+        file: IndexFile | None,
+    ) -> None:
         check_codebooks(codebooks)
         if not codebooks.is_floating_point():
             raise ValueError(f"Codebooks must be floating point, got dtype {codebooks.dtype}.")
@@ -103,6 +115,8 @@ class CodeIndex:
         check_backend_options(backend, backend_options)
         # A copy: the codebooks of a model that keeps training must not change the codes already indexed.
         self._codewords = codebooks.detach().to("cpu", torch.float32, copy=True).contiguous()  # (M, K, D)
+        self._stored_states = stored_states  # backend name -> tensors saved with the index (e.g. IVF lists)
+        self.file = file  # the file this index was read from (path, header, sha256), None if built in memory
         backend_class(backend).check(self._codewords, self._settings)  # refuse early, build on first search
         self.backend, self.backend_options = backend, dict(backend_options)
         num_codebooks, codebook_size, _ = self._codewords.shape
@@ -170,6 +184,8 @@ class CodeIndex:
         check_codes(codes, self._codewords)
         ids = self._new_ids(codes.shape[0], ids)
         codes = codes.to("cpu", code_dtype(self.codebook_size)).contiguous()
+        for name in self._stored_states:  # a saved backend state (the IVF lists) must follow the new codes
+            self._backend(name)
         self._pending.append((codes, ids))
         self._id_order = None
         for backend in self._backends.values():
@@ -285,11 +301,34 @@ class CodeIndex:
 
     # persistence
 
-    def _metadata(self) -> dict[str, str]:
+    def stored_state(self, backend: str) -> dict[str, torch.Tensor]:
+        """The state a backend saved with this index (e.g. the IVF lists), read from its file; {} if none."""
+        return self._stored_states.get(backend, {})
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """`backend.name + "." + key` -> tensor, for every backend state to save (built backends win).
+
+        The default backend is built first if it keeps a state (an IVF index saved before its first search
+        still saves its lists)."""
+        if self.ntotal and backend_class(self.backend).state is not IndexBackend.state:
+            self._backend(self.backend)
+        states = {name: dict(state) for name, state in self._stored_states.items()}
+        for name, backend in self._backends.items():
+            state = backend.state()
+            if state:
+                states[name] = state
+        return {f"{name}.{key}": tensor for name, state in states.items() for key, tensor in state.items()}
+
+    def _file_plans(self) -> tuple[dict[str, TensorPlan], dict[str, str]]:
+        """The tensors and header entries of this index's file (without an item description)."""
         num_codebooks, codebook_size, subvector_dim = self._codewords.shape
-        return {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
+        tensors = {
+            "codebooks": self._codewords,
+            "codes": self.codes,
+            "ids": self.ids,
+            **self._state_tensors(),
+        }
+        metadata = {
             "num_codebooks": str(num_codebooks),
             "codebook_size": str(codebook_size),
             "subvector_dim": str(subvector_dim),
@@ -297,48 +336,58 @@ class CodeIndex:
             "distance": self._settings.distance,
             "normalize_query_subvectors": json.dumps(self._settings.normalize_query_subvectors),
         }
+        return {name: TensorPlan.of(tensor) for name, tensor in tensors.items()}, metadata
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, sidecar: IndexSidecar | None = None) -> Path:
         """Write the index as one safetensors file, atomically (temp file in the folder, fsync, rename).
 
-        Missing parent folders are created. The backend is not stored: it is chosen when loading.
+        Args:
+            path: the file; missing parent folders are created.
+            sidecar: what the ids stand for (labels, image paths, model, data source); stored inside the
+                same file, under the same checksum (format version 2), so it cannot be paired with other
+                codes. Its ids must be this index's ids, in order.
+
+        The backend choice is not stored (it is chosen when loading), but backend state is (the IVF lists).
         """
-        tensors = {"codebooks": self._codewords, "codes": self.codes, "ids": self.ids}
-        metadata = self._metadata()
-        metadata["sha256"] = _checksum(tensors, metadata)
-        return write_atomic(path, lambda name: save_file(tensors, name, metadata=metadata))
+        plans, metadata = self._file_plans()
+        if sidecar is not None:
+            if sidecar.ids != self.ids.tolist():
+                raise ValueError("The sidecar's ids are not this index's ids (in insertion order).")
+            item_plans, item_metadata = sidecar_file_entries(sidecar)
+            plans, metadata = {**plans, **item_plans}, {**metadata, **item_metadata}
+        return write_index_file(path, plans, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str = "native", **backend_options: Any) -> CodeIndex:
-        """Read an index written by `save`; `IndexFormatError` for a truncated, edited or foreign file.
+        """Read an index written by `save` (any version); `IndexFormatError` for a truncated, edited or
+        foreign file.
 
         `backend` and `backend_options` are as in the constructor. Raises FileNotFoundError / PermissionError
-        for a missing / unreadable file.
+        for a missing / unreadable file. The item description, if any, is read by `load_with_sidecar`.
         """
-        path = check_readable(path, "Index file", "Build it with `mecoq index build` or `CodeIndex.save`.")
-        # `safe_open` memory-maps the file privately (copy-on-write) and `get_tensor` returns views of that
-        # map, so the index bytes are not read into a second in-memory copy; pages load lazily as the checksum
-        # below (and later searches) touch them. Copies happen only on `add` (new tensors) or a write.
-        try:
-            with safe_open(path, framework="pt") as file:
-                metadata = file.metadata() or {}
-                _check_metadata(metadata, path)
-                if set(file.keys()) != set(TENSOR_NAMES):
-                    raise IndexFormatError(
-                        f"{path} holds tensors {sorted(file.keys())}, expected {TENSOR_NAMES}."
-                    )
-                tensors = {name: file.get_tensor(name) for name in TENSOR_NAMES}
-        except SafetensorError as error:
-            raise IndexFormatError(
-                f"{path} is not a readable safetensors file (truncated or damaged?): {error}"
-            ) from error
-        _check_tensors(tensors, metadata, path)
-        if _checksum(tensors, {k: v for k, v in metadata.items() if k != "sha256"}) != metadata["sha256"]:
-            raise IndexFormatError(f"{path} fails its sha256 checksum: the file was modified or damaged.")
+        return cls.load_with_sidecar(path, backend=backend, **backend_options)[0]
+
+    @classmethod
+    def load_with_sidecar(
+        cls, path: str | os.PathLike, *, backend: str = "native", verify: bool = True, **backend_options: Any
+    ) -> tuple[CodeIndex, IndexSidecar | None]:
+        """`load`, plus the description of the items stored in the file (None for version 1 files, whose
+        description is a JSON sidecar, and for files saved without one). `verify=False` skips the sha256."""
+        file = read_index_file(path, verify=verify)
+        _check_tensors(file.tensors, file.metadata, file.path)
+        metadata = file.metadata
         settings = SearchSettings(metadata["distance"], json.loads(metadata["normalize_query_subvectors"]))
-        index = cls(tensors["codebooks"], settings=settings, backend=backend, **backend_options)
-        index._codes, index._ids = tensors["codes"], tensors["ids"]  # no backend is built yet
-        return index
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in file.tensors.items():
+            owner, _, key = name.partition(".")
+            if key and owner in BACKENDS:
+                states.setdefault(owner, {})[key] = tensor
+        index = cls.__new__(cls)
+        index._init(file.tensors["codebooks"], settings, backend, backend_options, states, file)
+        index._codes, index._ids = file.tensors["codes"], file.tensors["ids"]  # no backend is built yet
+        backend_class(backend).check_index(index, backend_options)
+        sidecar = sidecar_from_file(file.tensors, metadata, index._ids) if file.version >= 2 else None
+        return index, sidecar
 
     def __repr__(self) -> str:
         return (
@@ -347,35 +396,15 @@ class CodeIndex:
         )
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """sha256 over the metadata (sorted JSON) and each tensor's name, dtype, shape and raw bytes."""
-    digest = hashlib.sha256(json.dumps(dict(metadata), sort_keys=True).encode())
-    for name in TENSOR_NAMES:
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).reshape(-1).numpy().data if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def _check_metadata(metadata: Mapping[str, str], path: Path) -> None:
-    if metadata.get("format") != FORMAT_NAME:
-        raise IndexFormatError(f"{path} is not a CodeIndex file (format={metadata.get('format')!r}).")
-    missing = {*METADATA_KEYS, "sha256"} - set(metadata)
+def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> None:
+    missing = sorted({*METADATA_KEYS} - set(metadata)) + sorted({"codebooks", "codes", "ids"} - set(tensors))
     if missing:
-        raise IndexFormatError(f"{path} lacks metadata {sorted(missing)}; the header was edited or damaged.")
-    if metadata["format_version"] != str(FORMAT_VERSION):
-        raise IndexFormatError(
-            f"{path} has format version {metadata['format_version']}, this mecoq-hf reads version "
-            f"{FORMAT_VERSION}. Upgrade mecoq-hf or re-create the index."
-        )
+        raise IndexFormatError(f"{path} lacks {missing}; the file was edited or damaged.")
     if metadata["distance"] not in DISTANCES or metadata["normalize_query_subvectors"] not in (
         "true",
         "false",
     ):
         raise IndexFormatError(f"{path} has invalid search settings in its metadata; the header was edited.")
-
-
-def _check_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> None:
     try:
         shape = tuple(int(metadata[key]) for key in ("num_codebooks", "codebook_size", "subvector_dim"))
         ntotal = int(metadata["ntotal"])

@@ -137,6 +137,23 @@ def query_tables(
     return symmetric_tables(hard_codes(queries, codebooks), codebooks)
 
 
+def inner_product_queries(
+    queries: torch.Tensor, num_codebooks: int, settings: SearchSettings | None = None
+) -> torch.Tensor:
+    """(Q, d) queries whose plain inner product with a decoded code is its asymmetric score.
+
+    The raw query, or with `normalize_query_subvectors` each of its M sub-vectors at unit norm: what an
+    engine that scores `<q, x>` (faiss `IndexPQ` / `IndexIVFPQ`, Lance's "dot" metric) must be given.
+    """
+    settings = settings or SearchSettings()
+    if settings.distance != "asymmetric":
+        raise ValueError("Inner-product engines score asymmetrically only; symmetric search is native only.")
+    if not settings.normalize_query_subvectors:
+        return queries
+    num_queries = queries.shape[0]
+    return F.normalize(queries.reshape(num_queries, num_codebooks, -1), dim=-1).reshape(num_queries, -1)
+
+
 # scoring codes: the embedding_bag kernel
 
 
@@ -264,6 +281,7 @@ def _merge_ranked(
 
 __all__ = [
     "SearchSettings",
+    "inner_product_queries",
     "lookup_tables",
     "query_tables",
     "scan_topk",

@@ -1,22 +1,31 @@
-"""What the ids of an index file stand for: a JSON sidecar next to it (`x.safetensors` -> `x.meta.json`).
+"""What the ids of an index stand for: the model the codes were made with, how to reload the indexed images
+(a `data.DataSource` dict), and per id its label and image file path, so that a search can print labels and
+paths and draw the retrieved images.
 
-The index holds only codes and ids; the sidecar records the model the codes were made with, how to reload
-the indexed images (a `data.DataSource` dict), and per id its label and image file path, so that a search can
-print labels and paths and draw the retrieved images.
+Index files of format version 2 store this description inside the index file, under its checksum
+(`sidecar_file_entries` / `sidecar_from_file`): codes and labels are one unit. Version 1 files kept it in a
+JSON file next to the index (`x.safetensors` -> `x.meta.json`), which `IndexSidecar.load` still reads; a
+reader checks that its ids are the index's (`check_matches`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..file_io import read_json, write_json
 
 if TYPE_CHECKING:
     import PIL.Image
+
+    from ..data.sources import DataSource
 
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = "mecoq-hf/index-sidecar"
@@ -110,27 +119,124 @@ class IndexSidecar:
             raise ValueError(f"{path} lacks the model, data or ids of the index; rebuild the index.")
         return cls(**{name: document.get(name) for name in fields})
 
+    @cached_property
+    def _labels_by_id(self) -> dict[int, Any]:
+        return dict(zip(self.ids, self.labels or []))
+
+    @cached_property
+    def _paths_by_id(self) -> dict[int, str | None]:
+        return dict(zip(self.ids, self.paths or []))
+
+    def check_matches(self, ids: torch.Tensor, where: str) -> None:
+        """Raise a ValueError unless this description is of exactly these (N,) ids, in order."""
+        if len(self.ids) != ids.numel() or self.ids != ids.tolist():
+            raise ValueError(
+                f"{where} describes {len(self.ids)} items that are not the index's {ids.numel()} items: the "
+                "index and its description come from different builds (or were edited). Rebuild the index "
+                "with `mecoq index build`."
+            )
+
     # what the ids of search results stand for
 
     def label_texts(self, ids: Sequence[int]) -> list[str] | None:
         """The label of each id as text (class names where known, "-" for none); None if unlabelled."""
         if self.labels is None:
             return None
-        by_id = dict(zip(self.ids, self.labels))
+        by_id = self._labels_by_id
         return [_label_text(by_id[item], self.class_names) if item in by_id else "-" for item in ids]
 
     def paths_of(self, ids: Sequence[int]) -> list[str | None] | None:
         """The image file path of each id (None where unknown); None when no image has a file."""
         if self.paths is None:
             return None
-        by_id = dict(zip(self.ids, self.paths))
+        by_id = self._paths_by_id
         return [by_id.get(item) for item in ids]
+
+    def data_source(self) -> DataSource:
+        """The recorded data source of the indexed images (`data.DataSource`; `.load()` gives the dataset)."""
+        from ..data.sources import DataSource
+
+        return DataSource(**self.data)
 
     def images(self, ids: Sequence[int]) -> list[PIL.Image.Image]:
         """The images of `ids`, in that order, reloaded from the recorded data source."""
-        from ..data.sources import DataSource
+        return self.data_source().images_by_id(list(ids))
 
-        return DataSource(**self.data).images_by_id(list(ids))
+
+# inside an index file (format version 2)
+
+
+def sidecar_file_entries(sidecar: IndexSidecar) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensor plans and header entries that store `sidecar` inside an index file (its ids are the index's).
+
+    Labels become a (N,) int64 tensor (class ids) or a (N, C) int8 tensor (multi-hot); paths a UTF-8 byte
+    tensor `paths.bytes` with (N + 1,) int64 `paths.offsets` (an empty path: no file).
+    """
+    from .index_file import TensorPlan
+
+    tensors: dict[str, torch.Tensor] = {}
+    if sidecar.labels is not None:
+        multi_hot = bool(sidecar.labels) and isinstance(sidecar.labels[0], list)
+        tensors["labels"] = torch.tensor(sidecar.labels, dtype=torch.int8 if multi_hot else torch.int64)
+        if not sidecar.labels:
+            tensors["labels"] = torch.empty(0, dtype=torch.int64)
+    if sidecar.paths is not None:
+        tensors["paths.bytes"], tensors["paths.offsets"] = pack_paths(sidecar.paths)
+    return {name: TensorPlan.of(tensor) for name, tensor in tensors.items()}, describe_header(sidecar)
+
+
+def describe_header(sidecar: IndexSidecar) -> dict[str, str]:
+    """The header entries of a description: the model, the data source and the class names."""
+    return {
+        "model": sidecar.model,
+        "data": json.dumps(sidecar.data, sort_keys=True),
+        "class_names": json.dumps(sidecar.class_names),
+        "described": "true",
+    }
+
+
+def pack_paths(paths: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) uint8 UTF-8 bytes of all paths and (N + 1,) int64 offsets; None is stored as an empty path."""
+    encoded = [(path or "").encode() for path in paths]
+    lengths = torch.tensor([len(item) for item in encoded], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    data = (
+        torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+        if offsets[-1]
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    return data, offsets
+
+
+def unpack_paths(data: torch.Tensor, offsets: torch.Tensor) -> list[str | None]:
+    """The inverse of `pack_paths`."""
+    raw, bounds = data.numpy().tobytes(), offsets.tolist()
+    return [raw[start:end].decode() or None for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def sidecar_from_file(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], ids: torch.Tensor
+) -> IndexSidecar | None:
+    """The description stored in a version-2 index file, or None if it was saved without one."""
+    if metadata.get("described") != "true":
+        return None
+    labels = tensors.get("labels")
+    paths = None
+    if "paths.bytes" in tensors:
+        paths = unpack_paths(tensors["paths.bytes"], tensors["paths.offsets"])
+    for name, values in (("labels", labels), ("paths", paths)):
+        if values is not None and len(values) != ids.numel():
+            raise ValueError(
+                f"The index file has {ids.numel()} ids but {len(values)} {name}; it was damaged."
+            )
+    return IndexSidecar(
+        model=metadata["model"],
+        data=json.loads(metadata["data"]),
+        ids=ids.tolist(),
+        labels=labels.tolist() if labels is not None else None,
+        class_names=json.loads(metadata["class_names"]),
+        paths=paths,
+    )
 
 
 def _label_text(label: Any, class_names: list[str] | None) -> str:

@@ -60,6 +60,8 @@ class MeCoQModelOutput(ModelOutput):
         Soft reconstruction of the second view.
     assignments_2 (`torch.FloatTensor` of shape `(batch_size, num_codebooks, codebook_size)`, *optional*):
         Soft assignments of the second view.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, embedding_dim)`):
+        The embeddings again, under the name `pipeline("image-feature-extraction", pool=True)` reads.
     """
 
     loss: torch.FloatTensor | None = None
@@ -72,6 +74,7 @@ class MeCoQModelOutput(ModelOutput):
     codes: torch.Tensor | None = None
     quantized_2: torch.FloatTensor | None = None
     assignments_2: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
 
 
 class MeCoQPreTrainedModel(PreTrainedModel):
@@ -244,6 +247,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
             quantized=soft.reconstruction,
             assignments=soft.assignments,
             codes=soft.codes,
+            pooler_output=embeddings,
         )
         if features_2 is not None:
             soft_2 = self.quantizer(self.project(features_2))
