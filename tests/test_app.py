@@ -17,7 +17,6 @@ import json
 import os
 import re
 import runpy
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from PIL import Image
 
 from mecoq_hf import MeCoQModel, cli
 from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.retrieval.index import CodeIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = """\
@@ -266,10 +266,9 @@ def test_missing_images_are_explained_and_results_still_listed(
 
     # an image source that lost some of the indexed ids (here it holds the first 150 of the 200)
     shorter = tmp_path / "shorter.safetensors"
-    shutil.copyfile(index_path, shorter)
-    sidecar = json.loads(index_path.with_suffix(".meta.json").read_text())
-    sidecar["data"]["limit"] = 150
-    shorter.with_suffix(".meta.json").write_text(json.dumps(sidecar))
+    index, sidecar = CodeIndex.load_with_sidecar(index_path)
+    sidecar.data["limit"] = 150
+    index.save(shorter, sidecar=sidecar)
     page = build_page(trained, shorter, examples=0).search_page
     assert page.engine.image_problem.startswith("50 of the 200 indexed ids (e.g. [150, 151, 152]) are not in")
     answer = page.answer(str(query_png), 100)
@@ -277,13 +276,11 @@ def test_missing_images_are_explained_and_results_still_listed(
     assert len(rows) == 100 and len(answer.gallery) == sum(item < 150 for item, _, _ in rows)
     assert "are not in the image source any more" in answer.status
 
-    # an index without its sidecar: no record of the images at all
+    # an index saved without a description of its items: no record of the images at all
     bare = tmp_path / "bare.safetensors"
-    shutil.copyfile(index_path, bare)
+    CodeIndex.load(index_path).save(bare)
     answer = build_page(trained, bare).search_page.answer(str(query_png), 3)
-    assert (
-        f"{bare} has no bare.meta.json recording where its images are: pass --images SOURCE" in answer.status
-    )
+    assert f"{bare} does not record where its images are: pass --images SOURCE" in answer.status
     assert [label for _, _, label in table_rows(answer.table)] == ["-", "-", "-"]
     # ... and with --images the page shows them again
     answer = build_page(trained, bare, images="fashion-mnist").search_page.answer(str(query_png), 3)
@@ -346,7 +343,7 @@ def test_write_space_writes_a_gradio_space_for_the_model_repo(index_path, tmp_pa
     assert cli.main(argv + ["--images", "zalando-datasets/fashion_mnist"]) == 0
     assert "Space files written to" in capsys.readouterr().out
     names = sorted(path.name for path in folder.iterdir())
-    assert names == ["README.md", "app.py", "index.meta.json", "index.safetensors", "requirements.txt"]
+    assert names == ["README.md", "app.py", "index.safetensors", "requirements.txt"]
     card = SpaceCard.load(folder / "README.md")
     assert (card.data.sdk, card.data.app_file, card.data.models) == (
         "gradio",
@@ -358,9 +355,10 @@ def test_write_space_writes_a_gradio_space_for_the_model_repo(index_path, tmp_pa
     compile(app, "app.py", "exec")
     assert "build_page('local-user/tiny-mecoq', HERE / 'index.safetensors', " in app
     assert "images='zalando-datasets/fashion_mnist'" in app
-    sidecar = json.loads((folder / "index.meta.json").read_text())
-    assert sidecar["model"] == "local-user/tiny-mecoq" and sidecar["paths"] is None
-    assert (folder / "index.safetensors").read_bytes() == index_path.read_bytes()
+    copy, sidecar = CodeIndex.load_with_sidecar(folder / "index.safetensors")  # one file: codes + description
+    assert sidecar.model == "local-user/tiny-mecoq" and sidecar.paths is None
+    original = CodeIndex.load(index_path)
+    assert torch.equal(copy.codes, original.codes) and torch.equal(copy.ids, original.ids)
     # without --images / --bundle-images the Space would look for the images on this machine: a warning
     assert cli.main(argv[:-2] + ["--output-dir", str(tmp_path / "space2")]) == 0
     assert "images come from 'fashion-mnist', which a Space does not have" in capsys.readouterr().err
@@ -391,7 +389,7 @@ def test_push_app_publishes_a_space_whose_app_searches(local_hub, trained, index
         capsys.readouterr().out
     )
     files = HfApi().list_repo_files("local-user/tiny-search", repo_type="space", token=token)
-    assert {"app.py", "README.md", "requirements.txt", "index.safetensors", "index.meta.json"} <= set(files)
+    assert {"app.py", "README.md", "requirements.txt", "index.safetensors"} <= set(files)
     assert any(name.startswith("images/") and name.endswith(".arrow") for name in files)
     space = Path(snapshot_download("local-user/tiny-search", repo_type="space", token=token,
                                    local_dir=tmp_path / "space"))  # fmt: skip

@@ -251,6 +251,26 @@ def test_faiss_backend_equals_native_up_to_ties(num_codebooks, normalize):
     assert (ids[:, 3000:] == -1).all() and torch.isneginf(scores[:, 3000:]).all()
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_faiss_backend_breaks_ties_by_position_like_native(shards):
+    """Every code is one of 12, so each query's top 40 is made of long runs of exactly equal scores: faiss
+    (one index or threaded shards) must return the same ids in the same order as the native scan."""
+    codebooks = make_codebooks(4, 256, 16)
+    pool = random_codes(12, 4)
+    codes = pool[torch.randint(0, 12, (2000,), generator=torch.Generator().manual_seed(3))]
+    index = CodeIndex(codebooks, block_size=256)
+    index.add(codes, torch.arange(2000) * 7)
+    queries = torch.randn(10, 64)
+    native = index.search(queries, 40)
+    faiss_result = CodeIndex.search(index, queries, 40, backend="faiss") if shards == 1 else None
+    if shards > 1:
+        sharded = CodeIndex(codebooks, backend="faiss", shards=shards)
+        sharded.add(codes, torch.arange(2000) * 7)
+        faiss_result = sharded.search(queries, 40)
+    assert torch.equal(faiss_result.ids, native.ids)
+    torch.testing.assert_close(faiss_result.scores, native.scores, atol=1e-5, rtol=0)
+
+
 def test_to_faiss_holds_our_codebooks_codes_and_ids(filled_index):
     index, codebooks, codes, ids = filled_index
     faiss_index = index.to_faiss()

@@ -186,7 +186,7 @@ def build_page(
     top_k: int = DEFAULT_TOP_K,
     examples: int = DEFAULT_EXAMPLES,
     title: str | None = None,
-    backend: str = "native",
+    backend: str | None = None,
 ) -> gr.Blocks:
     """The search page of a model and its index, ready for `launch_page`.
 
@@ -198,7 +198,7 @@ def build_page(
         top_k: the initial number of results.
         examples: how many database images to offer as example queries (0: none).
         title: the page's title (default: "MeCoQ image search: <model name>").
-        backend: the index's search backend (`retrieval.backends.BACKENDS`), as `mecoq search --backend`.
+        backend: the index's search backend (`retrieval.backends.BACKENDS`); None: as `mecoq search`.
 
     Raises:
         FileNotFoundError / ValueError: the model or the index cannot be read (see `search.open_search`).

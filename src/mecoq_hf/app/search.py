@@ -26,7 +26,7 @@ from ..data.sources import DataSource, decode_image
 from ..hub import load_model
 from ..retrieval.image_index import ImageIndex
 from ..retrieval.index import CodeIndex
-from ..retrieval.sidecar import IndexSidecar, sidecar_path
+from ..retrieval.sidecar import IndexSidecar
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -172,8 +172,8 @@ def _load_images(
     recorded = sidecar.data if sidecar is not None else None
     if images is None and not recorded:
         return None, (
-            f"{index_path} has no {sidecar_path(index_path).name} recording where its images are: pass "
-            "--images SOURCE (the dataset the index was built from) to see them."
+            f"{index_path} does not record where its images are: pass --images SOURCE (the dataset the "
+            "index was built from) to see them."
         )
     fields = dict(recorded or {})
     if images is not None:
@@ -191,7 +191,11 @@ def _load_images(
 
 
 def open_search(
-    model: str | os.PathLike, index: str | os.PathLike, images: str | None = None, *, backend: str = "native"
+    model: str | os.PathLike,
+    index: str | os.PathLike,
+    images: str | None = None,
+    *,
+    backend: str | None = None,
 ) -> SearchEngine:
     """Load a model, its index and the indexed images for searching.
 
@@ -200,7 +204,8 @@ def open_search(
         index: an index file written by `mecoq index build` (its `.meta.json` sidecar next to it, if any).
         images: where to load the indexed images from instead of the source the sidecar records (same split,
             limit and columns); a dataset source as `mecoq index build --dataset` takes it.
-        backend: the index's search backend, a key of `retrieval.backends.BACKENDS` (as `mecoq search`).
+        backend: the index's search backend, a key of `retrieval.backends.BACKENDS`; None: the one
+            `mecoq search` uses (IVF for an IVF index, else the faster exhaustive backend).
 
     Returns:
         A `SearchEngine`. When the images cannot be loaded it still searches; `image_problem` says why.
@@ -320,7 +325,7 @@ def check_index_matches_hub_model(
 
 def local_image_source(index_path: str | os.PathLike) -> str | None:
     """The source recorded for an index's images when only this machine has it (a path, "fashion-mnist")."""
-    sidecar = IndexSidecar.load(index_path)
+    sidecar = ImageIndex.load(index_path).sidecar
     data = sidecar.data if sidecar is not None else {}
     return data["source"] if data.get("source") and DataSource(**data).hub_id is None else None
 
@@ -337,7 +342,7 @@ def save_indexed_images(index_path: str | os.PathLike, images: str | None, folde
     from datasets.table import embed_table_storage
 
     index_path = Path(index_path)
-    dataset, problem = _load_images(IndexSidecar.load(index_path), images, index_path)
+    dataset, problem = _load_images(ImageIndex.load(index_path).sidecar, images, index_path)
     if dataset is None:
         raise ValueError(problem)
     wanted = set(CodeIndex.load(index_path).ids.tolist())
@@ -353,28 +358,22 @@ def save_indexed_images(index_path: str | os.PathLike, images: str | None, folde
 def write_index_copy(
     index_path: str | os.PathLike, folder: Path, *, model: str, data: dict[str, Any] | None
 ) -> list[Path]:
-    """Copy an index file into `folder`, its sidecar naming `model` (a Hub id) and `data` (None: as recorded).
+    """Write a copy of an index file into `folder` whose description names `model` (a Hub id) and `data`
+    (None: as recorded), as one file (format version 2): the codes and their description stay one unit.
 
-    Local image paths are left out of the copy's sidecar: they mean nothing on another machine.
+    Local image paths are left out of the copy's description: they mean nothing on another machine.
     """
-    import shutil
-
-    from ..file_io import write_atomic
-
     index_path = Path(index_path)
-    target = folder / index_path.name
-    write_atomic(target, lambda name: shutil.copyfile(index_path, name))
-    recorded = IndexSidecar.load(index_path)
-    if recorded is None and data is None:
-        return [target]
+    image_index = ImageIndex.load(index_path, backend="native")
+    recorded = image_index.sidecar
     sidecar = IndexSidecar.describe(
         model=model,
         data=data if data is not None else (recorded.data if recorded else {}),
-        ids=CodeIndex.load(target).ids.tolist(),
+        ids=image_index.index.ids.tolist(),
         labels=recorded.labels if recorded else None,
         class_names=recorded.class_names if recorded else None,
     )
-    return [target, sidecar.save(target)]
+    return [image_index.index.save(folder / index_path.name, sidecar=sidecar)]
 
 
 __all__ = [

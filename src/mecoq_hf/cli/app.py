@@ -81,8 +81,8 @@ def _app_parsers(commands: Any) -> None:
     app.add_argument(
         "--backend",
         choices=tuple(BACKENDS),
-        default="native",
-        help="search backend of the index, as in mecoq search (default: native)",
+        help="search backend of the index (default: as mecoq search: ivf for an IVF index, else the faster "
+        "exhaustive one)",
     )
     app.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)"

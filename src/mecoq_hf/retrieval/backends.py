@@ -126,12 +126,12 @@ class FaissPQ(IndexBackend):
 
     Asymmetric scores only, K = 256 only. With `normalize_query_subvectors` the queries' sub-vectors are
     unit-normalised first: sum_m <q^m/|q^m|, c^m> is plain ADC on the normalised query. Ties among equal
-    scores are ordered as faiss orders them.
+    scores go to the earlier position, as in the native scan, whatever faiss' threads or shards do.
 
     Args:
         index: the `CodeIndex` to serve.
         shards: split the codes into this many `IndexPQ` of consecutive positions inside a faiss
-            `IndexShards`, searched by one thread each and merged (same results, other tie order).
+            `IndexShards`, searched by one thread each and merged (same results).
     """
 
     name = "faiss"
@@ -168,9 +168,8 @@ class FaissPQ(IndexBackend):
             self.faiss_index.syncWithSubIndexes()
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = faiss_queries(queries, self.index)
-        scores, positions = self.faiss_index.search(queries, k)
-        return torch.from_numpy(scores), torch.from_numpy(positions)  # (Q, k) each, -1 where missing
+        """Ties go to the earlier position, as in the native scan (`ranked_by_position`)."""
+        return ranked_by_position(self.faiss_index, faiss_queries(queries, self.index), k, self.index.ntotal)
 
 
 def faiss_queries(queries: torch.Tensor, index: CodeIndex) -> np.ndarray:
@@ -299,28 +298,39 @@ class FaissIVF(IndexBackend):
         self.lists.append(lists)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ties go to the earlier position, as in the native scan: faiss is asked for 2k results, each row is
-        sorted stably by position among equal scores, and only the rows whose k-th score is tied with their
-        last candidate are searched again with 4x more candidates (until nothing tied can be left out)."""
-        queries_np = faiss_queries(queries, self.index)
-        ntotal = max(self.index.ntotal, 1)
-        wanted = min(2 * k, ntotal)
-        scores, positions = self._ranked(queries_np, wanted)  # (Q, wanted)
-        width = min(k, wanted)
-        best_scores, best_positions = scores[:, :width].copy(), positions[:, :width].copy()
-        rows = np.flatnonzero(_tie_left_out(scores, positions, width))
-        while rows.size and wanted < ntotal:
-            wanted = min(4 * wanted, ntotal)
-            scores, positions = self._ranked(queries_np[rows], wanted)
-            best_scores[rows], best_positions[rows] = scores[:, :width], positions[:, :width]
-            rows = rows[_tie_left_out(scores, positions, width)]
-        return torch.from_numpy(best_scores), torch.from_numpy(best_positions)  # -1: fewer were scanned
+        """Ties go to the earlier position, as in the native scan (`ranked_by_position`)."""
+        return ranked_by_position(self.faiss_index, faiss_queries(queries, self.index), k, self.index.ntotal)
 
-    def _ranked(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """faiss' top `count`, re-ordered by descending score, then ascending position (-1 last)."""
-        scores, positions = self.faiss_index.search(queries, count)
-        order = np.lexsort((np.where(positions < 0, np.iinfo(np.int64).max, positions), -scores), axis=1)
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+
+def ranked_by_position(
+    faiss_index: Any, queries: np.ndarray, k: int, ntotal: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss' top-k with ties to the earlier position, as the native scan ranks them.
+
+    faiss orders equal scores its own way (and differently with threads or shards), so it is asked for 2k
+    results, each row is sorted stably by position among equal scores, and only the rows whose k-th score is
+    tied with their last candidate are searched again with 4x more candidates, until nothing tied can be
+    left out. Returns (scores (Q, k'), positions (Q, k')); position -1 where fewer were found.
+    """
+    ntotal = max(ntotal, 1)
+    wanted = min(2 * k, ntotal)
+    scores, positions = _ranked(faiss_index, queries, wanted)  # (Q, wanted)
+    width = min(k, wanted)
+    best_scores, best_positions = scores[:, :width].copy(), positions[:, :width].copy()
+    rows = np.flatnonzero(_tie_left_out(scores, positions, width))
+    while rows.size and wanted < ntotal:
+        wanted = min(4 * wanted, ntotal)
+        scores, positions = _ranked(faiss_index, queries[rows], wanted)
+        best_scores[rows], best_positions[rows] = scores[:, :width], positions[:, :width]
+        rows = rows[_tie_left_out(scores, positions, width)]
+    return torch.from_numpy(best_scores), torch.from_numpy(best_positions)
+
+
+def _ranked(faiss_index: Any, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss' top `count`, re-ordered by descending score, then ascending position (-1 last)."""
+    scores, positions = faiss_index.search(queries, count)
+    order = np.lexsort((np.where(positions < 0, np.iinfo(np.int64).max, positions), -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
 
 
 def _tie_left_out(scores: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
