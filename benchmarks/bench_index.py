@@ -8,7 +8,8 @@ Everything runs in one process, side by side, on the same random data:
    loop handles in reasonable time; checks the values are equal.
 3. scale: `evaluate_codes` for 10,000 queries against 1,000,000 codes (mAP@1000), to show bounded memory.
 4. scale curve (`--curve-sizes`, off by default; `bench_speed.py` runs it): search time and peak memory
-   against database size (e.g. 10^4 ... 10^7 random codes), native backend vs faiss `IndexPQ` on the same codes.
+   against database size (e.g. 10^4 ... 10^7 random codes), native backend vs faiss `IndexPQ` on the same
+   codes.
 5. index scale (`--scale`, a run of its own; see `bench_index_scale`): 10^6 and 10^7 codes of clustered data,
    M = 4 and 8, the exhaustive backends (native, faiss IndexPQ) and faiss IVF at several nprobe: recall@10
    against the exhaustive top-10, ms per query (1,000 queries, 1 and 2 threads), peak memory, build time;
@@ -159,23 +160,38 @@ def bench_scale_curve(
         faiss_s, _, faiss_mib = timed(
             lambda faiss_index=faiss_index, queries=queries: faiss_index.search(queries.numpy(), k), repeats
         )
-        rows.append({
-            "threads": torch.get_num_threads(), "M": num_codebooks, "database": size, "queries": num_queries, "k": k,
-            "native_s": native_s, "faiss_s": faiss_s, "native_ms_per_query": 1000 * native_s / num_queries,
-            "faiss_ms_per_query": 1000 * faiss_s / num_queries, "native_peak_mib": native_mib,
-            "faiss_peak_mib": faiss_mib, "index_mib": size * num_codebooks / 2**20,
-        })  # fmt: skip
+        rows.append(
+            {
+                "threads": torch.get_num_threads(),
+                "M": num_codebooks,
+                "database": size,
+                "queries": num_queries,
+                "k": k,
+                "native_s": native_s,
+                "faiss_s": faiss_s,
+                "native_ms_per_query": 1000 * native_s / num_queries,
+                "faiss_ms_per_query": 1000 * faiss_s / num_queries,
+                "native_peak_mib": native_mib,
+                "faiss_peak_mib": faiss_mib,
+                "index_mib": size * num_codebooks / 2**20,
+            }
+        )
         del index, faiss_index, codes  # free this size's codes before building the next, larger one
     return rows
 
 
 def scale_curve_markdown(rows: list[dict]) -> str:
-    lines = [("| codes (M=4, 4 bytes each) | queries, k | native (s) | faiss IndexPQ (s) | native / faiss | "
-              "ms per query native / faiss | peak RSS growth native / faiss (MiB) | codes (MiB) |"),
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        (
+            "| codes (M=4, 4 bytes each) | queries, k | native (s) | faiss IndexPQ (s) | native / faiss | "
+            "ms per query native / faiss | peak RSS growth native / faiss (MiB) | codes (MiB) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
-            f"| {row['database']:,} | {row['queries']}, {row['k']} | {row['native_s']:.3f} | {row['faiss_s']:.3f} | "
+            f"| {row['database']:,} | {row['queries']}, {row['k']} | {row['native_s']:.3f} | "
+            f"{row['faiss_s']:.3f} | "
             f"{row['native_s'] / row['faiss_s']:.2f} | {row['native_ms_per_query']:.2f} / "
             f"{row['faiss_ms_per_query']:.2f} | {row['native_peak_mib']:.0f} / {row['faiss_peak_mib']:.0f} | "
             f"{row['index_mib']:.1f} |"
@@ -275,8 +291,8 @@ def machine() -> dict:
 def markdown(results: dict) -> str:
     lines = [
         (
-            "| search, k=100 | threads | queries x database | native (s) | faiss IndexPQ (s) | native / faiss | "
-            "peak RSS native / faiss (MiB) | max abs score diff | same ids |"
+            "| search, k=100 | threads | queries x database | native (s) | faiss IndexPQ (s) | "
+            "native / faiss | peak RSS native / faiss (MiB) | max abs score diff | same ids |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -376,10 +392,17 @@ def search_rows(backend_name, searcher, queries, reference, threads, repeats, ba
         set_threads(count)
         searcher(queries[:8])  # warm-up
         seconds, result, peak = rss_peak_during(lambda: searcher(queries), repeats)
-        rows.append({**base, "backend": backend_name, "threads": count,
-                     "recall_at_10": recall_at_10(reference, result),
-                     "id_recall_at_10": id_recall_at_10(reference.ids, result.ids),
-                     "ms_per_query": 1000 * seconds / queries.shape[0], "peak_rss_mib": peak})  # fmt: skip
+        rows.append(
+            {
+                **base,
+                "backend": backend_name,
+                "threads": count,
+                "recall_at_10": recall_at_10(reference, result),
+                "id_recall_at_10": id_recall_at_10(reference.ids, result.ids),
+                "ms_per_query": 1000 * seconds / queries.shape[0],
+                "peak_rss_mib": peak,
+            }
+        )
     return rows
 
 
@@ -406,16 +429,31 @@ def bench_index_scale(num_codes: int, num_codebooks: int, args: argparse.Namespa
     queries, k = data.queries, 10
     set_threads(max(threads))
     reference = index.search(queries, k)  # the exhaustive ADC top-10 (ties to the earlier item)
-    base = {"num_codes": num_codes, "M": num_codebooks, "nlist": None, "nprobe": None, "k": k,
-            "queries": queries.shape[0], "generate_s": generated_s,
-            "rss_with_codes_mib": psutil.Process().memory_info().rss / 2**20}  # fmt: skip
-    rows = search_rows("native", lambda q: index.search(q, k), queries, reference, threads, repeats,
-                       {**base, "build_s": 0.0})  # fmt: skip
+    base = {
+        "num_codes": num_codes,
+        "M": num_codebooks,
+        "nlist": None,
+        "nprobe": None,
+        "k": k,
+        "queries": queries.shape[0],
+        "generate_s": generated_s,
+        "rss_with_codes_mib": psutil.Process().memory_info().rss / 2**20,
+    }
+    rows = search_rows(
+        "native", lambda q: index.search(q, k), queries, reference, threads, repeats, {**base, "build_s": 0.0}
+    )
     release_free_memory()
     build_s, _, build_peak = rss_peak_during(lambda: index._backend("faiss"))
     pq_base = {**base, "build_s": build_s, "build_peak_rss_mib": build_peak}
-    rows += search_rows("faiss-pq", lambda q: index.search(q, k, backend="faiss"), queries, reference,
-                        threads, repeats, pq_base)  # fmt: skip
+    rows += search_rows(
+        "faiss-pq",
+        lambda q: index.search(q, k, backend="faiss"),
+        queries,
+        reference,
+        threads,
+        repeats,
+        pq_base,
+    )
     del index._backends["faiss"]
     release_free_memory()
     nlist = default_nlist(num_codes)
@@ -424,11 +462,24 @@ def bench_index_scale(num_codes: int, num_codebooks: int, args: argparse.Namespa
     index._backends["ivf"] = searcher
     for nprobe in [p for p in SCALE_NPROBES if p <= nlist]:
         searcher.set_nprobe(nprobe)
-        ivf_base = {**base, "nlist": nlist, "nprobe": nprobe, "build_s": build_s,
-                    "build_threads": max(threads), "build_peak_rss_mib": build_peak,
-                    "build_rss_before_mib": before}  # fmt: skip
-        rows += search_rows("faiss-ivf", lambda q: index.search(q, k, backend="ivf"), queries, reference,
-                            threads, repeats, ivf_base)  # fmt: skip
+        ivf_base = {
+            **base,
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "build_s": build_s,
+            "build_threads": max(threads),
+            "build_peak_rss_mib": build_peak,
+            "build_rss_before_mib": before,
+        }
+        rows += search_rows(
+            "faiss-ivf",
+            lambda q: index.search(q, k, backend="ivf"),
+            queries,
+            reference,
+            threads,
+            repeats,
+            ivf_base,
+        )
     return rows
 
 
@@ -451,11 +502,24 @@ def fashion_mnist_ivf(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     exhaustive = index.search(query_embeddings, top_k)
     exhaustive_s = time.perf_counter() - start
-    reference_map = evaluate_codes(query_embeddings, database["codes"], model.codebooks(), query_labels,
-                                   db_labels, top_k, settings=index.settings)  # fmt: skip
-    rows = [{"backend": "native", "nprobe": None, "recall_at_10": 1.0,
-             "map_at_1000": ranked_map(exhaustive.ids, query_labels, db_labels),
-             "ms_per_query": 1000 * exhaustive_s / query_embeddings.shape[0]}]  # fmt: skip
+    reference_map = evaluate_codes(
+        query_embeddings,
+        database["codes"],
+        model.codebooks(),
+        query_labels,
+        db_labels,
+        top_k,
+        settings=index.settings,
+    )
+    rows = [
+        {
+            "backend": "native",
+            "nprobe": None,
+            "recall_at_10": 1.0,
+            "map_at_1000": ranked_map(exhaustive.ids, query_labels, db_labels),
+            "ms_per_query": 1000 * exhaustive_s / query_embeddings.shape[0],
+        }
+    ]
     nlist = default_nlist(index.ntotal)
     build_s, searcher, _ = timed(lambda: _ivf(index, nlist), 1)
     for nprobe in [p for p in SCALE_NPROBES if p <= nlist]:
@@ -463,14 +527,27 @@ def fashion_mnist_ivf(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         found = index.search(query_embeddings, top_k, backend="ivf")
         seconds = time.perf_counter() - start
-        rows.append({"backend": "faiss-ivf", "nlist": nlist, "nprobe": nprobe,
-                     "recall_at_10": recall_at_10(exhaustive, found),
-                     "id_recall_at_10": id_recall_at_10(exhaustive.ids, found.ids),
-                     "map_at_1000": ranked_map(found.ids, query_labels, db_labels),
-                     "ms_per_query": 1000 * seconds / query_embeddings.shape[0]})  # fmt: skip
-    return {"num_codes": index.ntotal, "queries": query_embeddings.shape[0], "M": index.num_codebooks,
-            "threads": 1, "ivf_build_s": build_s, "evaluate_codes_map_at_1000": reference_map, "rows": rows,
-            "model": str(args.fmnist_model)}  # fmt: skip
+        rows.append(
+            {
+                "backend": "faiss-ivf",
+                "nlist": nlist,
+                "nprobe": nprobe,
+                "recall_at_10": recall_at_10(exhaustive, found),
+                "id_recall_at_10": id_recall_at_10(exhaustive.ids, found.ids),
+                "map_at_1000": ranked_map(found.ids, query_labels, db_labels),
+                "ms_per_query": 1000 * seconds / query_embeddings.shape[0],
+            }
+        )
+    return {
+        "num_codes": index.ntotal,
+        "queries": query_embeddings.shape[0],
+        "M": index.num_codebooks,
+        "threads": 1,
+        "ivf_build_s": build_s,
+        "evaluate_codes_map_at_1000": reference_map,
+        "rows": rows,
+        "model": str(args.fmnist_model),
+    }
 
 
 def _ivf(index: CodeIndex, nlist: int):
@@ -493,13 +570,21 @@ def ranked_map(ids: torch.Tensor, query_labels: torch.Tensor, db_labels: torch.T
 
 
 def scale_markdown(results: dict) -> str:
-    lines = ["| codes | M | backend | nlist | nprobe | threads | recall@10 | ms / query | "
-             "vs fastest exhaustive | peak RSS (MiB) | build (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| codes | M | backend | nlist | nprobe | threads | recall@10 | ms / query | "
+        "vs fastest exhaustive | peak RSS (MiB) | build (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = results["results"]
     for row in rows:
-        same = [r for r in rows if r["num_codes"] == row["num_codes"] and r["M"] == row["M"]
-                and r["threads"] == row["threads"] and r["nprobe"] is None]  # fmt: skip
+        same = [
+            r
+            for r in rows
+            if r["num_codes"] == row["num_codes"]
+            and r["M"] == row["M"]
+            and r["threads"] == row["threads"]
+            and r["nprobe"] is None
+        ]
         fastest = min(r["ms_per_query"] for r in same)
         lines.append(
             f"| {row['num_codes']:,} | {row['M']} | {row['backend']} | {row['nlist'] or '-'} | "
@@ -509,14 +594,18 @@ def scale_markdown(results: dict) -> str:
         )
     fmnist = results.get("fashion_mnist")
     if fmnist:
-        title = (f"Fashion-MNIST: {fmnist['num_codes']:,} codes (M = {fmnist['M']}), {fmnist['queries']:,} "
-                 f"test queries, 1 thread; IVF build {fmnist['ivf_build_s']:.1f} s")  # fmt: skip
+        title = (
+            f"Fashion-MNIST: {fmnist['num_codes']:,} codes (M = {fmnist['M']}), {fmnist['queries']:,} "
+            f"test queries, 1 thread; IVF build {fmnist['ivf_build_s']:.1f} s"
+        )
         header = "| backend | nlist | nprobe | recall@10 | mAP@1000 | ms / query |"
         lines += ["", title, "", header, "|---|---|---|---|---|---|"]
         for row in fmnist["rows"]:
-            lines.append(f"| {row['backend']} | {row.get('nlist') or '-'} | {row['nprobe'] or '-'} | "
-                         f"{row['recall_at_10']:.4f} | {row['map_at_1000']:.4f} | "
-                         f"{row['ms_per_query']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {row['backend']} | {row.get('nlist') or '-'} | {row['nprobe'] or '-'} | "
+                f"{row['recall_at_10']:.4f} | {row['map_at_1000']:.4f} | "
+                f"{row['ms_per_query']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -527,10 +616,15 @@ def main_scale(args: argparse.Namespace) -> None:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
     command = "OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/bench_index.py --scale ..."
-    results = {"machine": machine(), "uptime_at_start": uptime(), "command": command,
-               "process_rss_at_start_mib": psutil.Process().memory_info().rss / 2**20,
-               "arguments": {k: str(v) for k, v in vars(args).items()},
-               "data": ClusteredData.__doc__.split(".")[0], "results": []}  # fmt: skip
+    results = {
+        "machine": machine(),
+        "uptime_at_start": uptime(),
+        "command": command,
+        "process_rss_at_start_mib": psutil.Process().memory_info().rss / 2**20,
+        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "data": ClusteredData.__doc__.split(".")[0],
+        "results": [],
+    }
     sizes = [int(float(size)) for size in args.scale_sizes.split(",")]
     for num_codes in sizes:
         for num_codebooks in (4, 8):

