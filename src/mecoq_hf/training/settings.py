@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from ..data.splits import SplitDefinition
 from ..file_io import read_json
 from ..models.mecoq.configuration_mecoq import MeCoQConfig, num_codebooks_for_bits
-from .arguments import TrainingArguments
+from .arguments import TrainingArguments, _is_kind
 
 SECTIONS = ("model", "training", "data")
 
@@ -47,7 +47,12 @@ def _field_types(section: str) -> dict[str, str]:
         fields = [item for item in dataclasses.fields(MeCoQConfig) if item.name not in base]
     else:
         fields = dataclasses.fields(TrainingArguments if section == "training" else SplitDefinition)
-    return {item.name: str(item.type) for item in fields}
+    return {item.name: _annotation_text(item.type) for item in fields}
+
+
+def _annotation_text(annotation: Any) -> str:
+    """ "int", "float | int", "str | None": a class by its name (`MeCoQConfig` has no string annotations)."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 def _check_keys(section: str, settings: Mapping[str, Any], known: set[str]) -> None:
@@ -79,7 +84,7 @@ def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
                 except ValueError:
                     continue
     number = {"float": "a number", "int": "a whole number", "bool": "true or false"}.get(kinds[0])
-    if isinstance(value, str) and number is not None:
+    if number is not None and not (value is None and "None" in kinds or _is_kind(value, kinds[0])):
         raise ValueError(
             f"{section}.{key} must be {number}, got {value!r} (check the config file, the flags and --set)."
         )
