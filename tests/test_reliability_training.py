@@ -113,6 +113,9 @@ def test_the_log_stays_strict_json_whatever_the_values(tmp_path):
     assert strict_json_lines(tmp_path / "log.jsonl") == [
         {"event": "step", "step": 1, "loss": None, "lr": None, "nested": {"x": [1.0, None]}}
     ]
+    with open(tmp_path / "log.jsonl", "a") as file:  # what a kill -9 in the middle of a write leaves
+        file.write('{"event": "step", "step": 2, "lo')
+    assert [record["step"] for record in run.read_log()] == [1]
 
 
 @pytest.fixture
@@ -128,7 +131,9 @@ def nan_model(scratch) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("command", "extra"), [(["encode"], []), (["encode"], ["--embeddings"]), (["index", "build"], [])]
+    ("command", "extra"),
+    [(["encode"], []), (["encode"], ["--embeddings"]), (["index", "build"], [])],
+    ids=["encode", "encode --embeddings", "index build"],
 )
 def test_encoding_refuses_a_model_with_non_finite_weights(nan_model, capsys, command, extra):
     output = nan_model.parent / "out.safetensors"
@@ -139,3 +144,10 @@ def test_encoding_refuses_a_model_with_non_finite_weights(nan_model, capsys, com
     assert "weight projection.weight hold NaN or infinite values" in err
     assert "its codes would be meaningless (all zeros)" in err
     assert not output.exists()
+
+
+def test_evaluation_refuses_a_model_with_non_finite_weights(nan_model, capsys):
+    argv = ["evaluate", str(nan_model), "--dataset", "fashion-mnist", "--limit", "40", "--num-query", "4",
+            "--map-k", "10", "--no-progress"]  # fmt: skip
+    status, _, err = run_cli(argv, capsys)
+    assert status == 2 and "NaN or infinite values, so its codes would be meaningless" in err

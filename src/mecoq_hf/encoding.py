@@ -241,7 +241,9 @@ def embed_features(model: Any, features: torch.Tensor, *, chunk_size: int = 4096
     example by `feature_cache.compute_features`) give the same embeddings without another backbone pass.
     """
     device = _model_device(model)
-    return torch.cat([model.projection(chunk.to(device)).cpu() for chunk in features.split(chunk_size)])
+    embeddings = torch.cat([model.projection(chunk.to(device)).cpu() for chunk in features.split(chunk_size)])
+    _refuse_non_finite(model, embeddings)
+    return embeddings
 
 
 def quantize_embeddings(model: Any, embeddings: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:

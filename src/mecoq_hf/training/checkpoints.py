@@ -191,7 +191,13 @@ def _save_random_states(accelerator: Accelerator, folder: Path) -> None:
 
 
 def _write_manifest(folder: Path, num_processes: int) -> None:
-    files = {path.name: _digest(path.read_bytes()) for path in sorted(folder.iterdir()) if path.is_file()}
+    """Flush every file to disk and record its digest; the manifest itself is written atomically."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as file:
+                files[path.name] = _digest(file.read())
+                os.fsync(file.fileno())
     write_json(folder / MANIFEST_FILE, {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "num_processes": num_processes,
         "files": files,

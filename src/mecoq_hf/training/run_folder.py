@@ -232,11 +232,21 @@ class RunFolder:
             file.write(line + "\n")
 
     def read_log(self) -> list[dict[str, Any]]:
-        """Every record of `log.jsonl`, oldest first (empty when there is no log)."""
+        """Every record of `log.jsonl`, oldest first (empty when there is no log).
+
+        A last line cut short (the run was killed while writing it) is left out.
+        """
         path = self.path / LOG_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines and not text.endswith("\n"):
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        return [json.loads(line) for line in lines]
 
     # run record
 
