@@ -20,6 +20,7 @@ from mecoq_hf import MeCoQConfig, MeCoQModel, cli
 from mecoq_hf.cli import build_parser
 from mecoq_hf.cli.train import settings_from_flags
 from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.retrieval.index import CodeIndex
 
 MODEL = dict(backbone="test_efficientnet", backbone_weights=None, image_size=32, embedding_dim=16,
              num_codebooks=2, codebook_size=256)  # fmt: skip
@@ -79,9 +80,9 @@ def test_encoding_commands_raise_on_or_skip_bad_images(scratch, bad_folder, caps
     if command == ["encode"]:
         assert "Encoded 30 images" in out and load_file("out.safetensors")["codes"].shape == (30, 2)
     else:
-        sidecar = json.loads(Path("out.meta.json").read_text())
-        assert len(sidecar["ids"]) == 30 and not {str(p) for p in bad} & set(sidecar["paths"])
-        assert sidecar["data"]["on_bad_image"] == "skip"  # a reload for `mecoq search --grid` skips them too
+        sidecar = CodeIndex.load_with_sidecar("out.safetensors")[1]
+        assert len(sidecar.ids) == 30 and not {str(p) for p in bad} & set(sidecar.paths)
+        assert sidecar.data["on_bad_image"] == "skip"  # a reload for `mecoq search --grid` skips them too
 
 
 def test_train_skips_bad_images_and_records_them(scratch, bad_folder, capsys):
