@@ -67,6 +67,28 @@ def _model_device(model: Any) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def non_finite_parameter(model: Any) -> str | None:
+    """The name of the first parameter of `model` holding NaN or infinity, or None when all are finite."""
+    named = model.named_parameters() if hasattr(model, "named_parameters") else ()
+    return next((name for name, value in named if not torch.isfinite(value).all()), None)
+
+
+def _refuse_non_finite(model: Any, embeddings: torch.Tensor | None = None) -> None:
+    """Raise `FloatingPointError` for NaN or infinite `embeddings` (when given, else weights of `model`):
+    the codes of such a model are meaningless (the argmax of NaN scores is codeword 0)."""
+    if embeddings is None:
+        broken = non_finite_parameter(model)
+        where = None if broken is None else f"weight {broken}"
+    else:
+        where = None if torch.isfinite(embeddings).all() else "embeddings"
+    if where is not None:
+        raise FloatingPointError(
+            f"The model's {where} hold NaN or infinite values, so its codes would be meaningless (all "
+            "zeros); nothing was written. The training that made it diverged: train again with a lower "
+            "learning rate (mecoq train --learning-rate)."
+        )
+
+
 def _prepared(dataloader: Iterable, accelerator: Accelerator) -> Iterable:
     from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
 
@@ -110,6 +132,7 @@ def encode_dataset(
     device = accelerator.device if accelerator is not None else _model_device(network)
     is_main = accelerator is None or accelerator.is_main_process
     was_training = bool(getattr(network, "training", False))
+    _refuse_non_finite(network)
     if hasattr(network, "eval"):
         network.eval()
     collected: dict[str, list[torch.Tensor]] = {"outputs": [], "labels": [], "ids": []}
@@ -119,6 +142,8 @@ def encode_dataset(
             for batch in dataloader:
                 parts = _split_batch(batch)
                 parts["outputs"] = getattr(network, method)(parts.pop("pixel_values").to(device))
+                if method == "embed":
+                    _refuse_non_finite(network, parts["outputs"])
                 if accelerator is not None:
                     parts = accelerator.gather_for_metrics({k: v.to(device) for k, v in parts.items()})
                 for name, value in parts.items():
@@ -201,7 +226,9 @@ def embed_images(model: Any, images: Sequence[Any]) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        return model.embed(pixel_values.to(_model_device(model))).cpu()
+        embeddings = model.embed(pixel_values.to(_model_device(model))).cpu()
+        _refuse_non_finite(model, embeddings)
+        return embeddings
     finally:
         model.train(was_training)
 
@@ -214,7 +241,9 @@ def embed_features(model: Any, features: torch.Tensor, *, chunk_size: int = 4096
     example by `feature_cache.compute_features`) give the same embeddings without another backbone pass.
     """
     device = _model_device(model)
-    return torch.cat([model.projection(chunk.to(device)).cpu() for chunk in features.split(chunk_size)])
+    embeddings = torch.cat([model.projection(chunk.to(device)).cpu() for chunk in features.split(chunk_size)])
+    _refuse_non_finite(model, embeddings)
+    return embeddings
 
 
 def quantize_embeddings(model: Any, embeddings: torch.Tensor, *, chunk_size: int = 4096) -> torch.Tensor:
@@ -262,6 +291,7 @@ __all__ = [
     "embed_images",
     "encode_dataset",
     "encode_images",
+    "non_finite_parameter",
     "quantize_embeddings",
     "save_encoded",
 ]

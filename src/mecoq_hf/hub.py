@@ -2,7 +2,8 @@
 
 - `push_model_to_hub` publishes a saved model folder (weights, `codebooks.safetensors`, preprocessing, the
   `trust_remote_code` files) together with its model card in ONE commit, so a repo never shows weights
-  without their card or codebooks from another revision.
+  without their card or codebooks from another revision. Only the model's own files go (`model_files`):
+  a training run's checkpoints, feature cache, logs and indexes stay local unless named with `include`.
 - `download_codebooks` fetches only `codebooks.safetensors`: enough to decode or search codes made elsewhere.
 - `push_index_to_hub` / `load_index_from_hub` move a `CodeIndex` file through a dataset (or model) repo.
 - `load_model` opens a saved model from a local folder or a Hub id, ready for encoding (float32, eval mode).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,7 @@ REPO_TYPES = ("model", "dataset", "space")
 SKIPPED_PARTS = {".git", ".cache", "__pycache__"}
 # Required in a folder published as a model (`MeCoQModel.save_pretrained` writes all of them).
 MODEL_FILES = ("config.json", CODEBOOKS_FILE, "preprocessor_config.json")
+CARD_FILE = "README.md"
 MODEL_FOLDER_FIX = (
     "Pass the --output-dir of `mecoq train` or a folder written by `MeCoQModel.save_pretrained`."
 )
@@ -265,6 +268,83 @@ def load_index_from_hub(
 # models
 
 
+def model_files(folder: str | os.PathLike, include: Sequence[str] = ()) -> list[str]:
+    """The files `push_model_to_hub` uploads from a model folder (relative POSIX paths, sorted).
+
+    These are the files `MeCoQModel.save_pretrained` writes: `config.json`, the weights (`model.safetensors`,
+    or the shards its index lists), `codebooks.safetensors`, `preprocessor_config.json`, the remote-code
+    modules of the config's `auto_map` and every module they import, and `README.md` (the model card) when
+    present; plus what `include` names. Everything else (checkpoints, feature caches, logs, indexes, stale
+    `.saving-*` folders of an interrupted save) stays local.
+
+    Args:
+        folder: a saved model folder (see `push_model_to_hub`).
+        include: extra files to upload, as paths or glob patterns relative to `folder` (e.g. "metrics.json");
+            a folder includes the files under it.
+
+    Raises:
+        ValueError: the folder is not a saved MeCoQ model, or an `include` pattern matches no file or points
+            outside the folder.
+    """
+    folder = _as_folder(folder)
+    config = _check_model_folder(folder)
+    names = {*MODEL_FILES, *_weight_files(folder)}
+    names.update(_remote_code_files(folder, config))
+    if (folder / CARD_FILE).is_file():
+        names.add(CARD_FILE)
+    for pattern in include:
+        names.update(_included(folder, pattern))
+    return sorted(names)
+
+
+def _weight_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file() or not index.is_file():
+        return ["model.safetensors"]
+    shards = set((read_json(index, "Weights index").get("weight_map") or {}).values())
+    missing = sorted(name for name in shards if not (folder / name).is_file())
+    if missing:
+        raise ValueError(f"{index} lists weight files that are missing: {', '.join(missing)}.")
+    return [index.name, *sorted(shards)]
+
+
+def _remote_code_files(folder: Path, config: dict[str, Any]) -> set[str]:
+    """The `auto_map` modules of config.json and preprocessor_config.json and their relative imports."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    auto_map = dict(config.get("auto_map") or {})
+    auto_map.update(
+        read_json(folder / "preprocessor_config.json", "Preprocessor config").get("auto_map") or {}
+    )
+    files = set()
+    for reference in auto_map.values():
+        for item in reference if isinstance(reference, list) else [reference]:
+            module = folder / f"{str(item).split('--')[-1].rsplit('.', 1)[0]}.py"
+            if module.is_file():
+                files.add(module.name)
+                files.update(Path(path).name for path in get_relative_import_files(module))
+    return files
+
+
+def _included(folder: Path, pattern: str) -> set[str]:
+    root = folder.resolve()
+    matches = sorted(folder.glob(pattern)) if pattern else []
+    files = [path for match in matches for path in ([match] if match.is_file() else sorted(match.rglob("*")))]
+    found = set()
+    for path in files:
+        if not path.resolve().is_relative_to(root):
+            raise ValueError(f"--include {pattern!r} points outside the model folder {folder}.")
+        relative = path.relative_to(folder)
+        if path.is_file() and not SKIPPED_PARTS.intersection(relative.parts) and path.suffix != ".pyc":
+            found.add(relative.as_posix())
+    if not found:
+        raise ValueError(
+            f"--include {pattern!r} matches no file in {folder}; give a path relative to the model folder "
+            "(e.g. --include metrics.json)."
+        )
+    return found
+
+
 def push_model_to_hub(
     model_or_folder: MeCoQModel | str | os.PathLike,
     repo_id: str,
@@ -275,6 +355,7 @@ def push_model_to_hub(
     private: bool = False,
     commit_message: str | None = None,
     revision: str | None = None,
+    include: Sequence[str] = (),
 ) -> CommitInfo:
     """Publish a MeCoQ model with its model card in one commit.
 
@@ -285,6 +366,7 @@ def push_model_to_hub(
         run_record: the training run record (dict or JSON path) to build the card from.
         card: a ready `ModelCard`; takes precedence over `run_record`.
         token / private / commit_message / revision: as in `push_folder_to_hub`.
+        include: files of the folder to upload besides the model's own (`model_files` lists what goes).
 
     The card is, in order of precedence: `card`, one built from `run_record`, the folder's own `README.md`,
     or one built from `config.json` alone (architecture facts; unknown training facts as HTML comments).
@@ -294,20 +376,23 @@ def push_model_to_hub(
         HubUploadError: the upload failed after huggingface_hub's retries.
     """
     if isinstance(model_or_folder, (str, os.PathLike)):
+        files = model_files(model_or_folder, include)
         return _push_model_folder(
-            _as_folder(model_or_folder), repo_id, run_record, card, token, private, commit_message, revision
+            Path(model_or_folder), files, repo_id, run_record, card, token, private, commit_message, revision
         )
     if not hasattr(model_or_folder, "save_pretrained"):
         raise TypeError(f"Expected a MeCoQModel or a folder path, got {type(model_or_folder).__name__}.")
     with tempfile.TemporaryDirectory(prefix="mecoq-push-") as staging:
         model_or_folder.save_pretrained(staging)
+        files = model_files(staging, include)
         return _push_model_folder(
-            Path(staging), repo_id, run_record, card, token, private, commit_message, revision
+            Path(staging), files, repo_id, run_record, card, token, private, commit_message, revision
         )
 
 
 def _push_model_folder(
     folder: Path,
+    files: list[str],
     repo_id: str,
     run_record: dict[str, Any] | str | os.PathLike | None,
     card: ModelCard | None,
@@ -319,12 +404,16 @@ def _push_model_folder(
     config = _check_model_folder(folder)
     if card is None and run_record is not None:
         card = build_model_card(run_record, repo_id=repo_id)
-    if card is None and not (folder / "README.md").is_file():
+    if card is None and CARD_FILE not in files:
         card = build_model_card({"config": config}, repo_id=repo_id)
-    operations = [op for op in _folder_operations(folder) if card is None or op.path_in_repo != "README.md"]
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        for name in files
+        if card is None or name != CARD_FILE
+    ]
     if card is not None:
         operations.append(
-            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8"))
+            CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(card).encode("utf-8"))
         )
     return _commit(
         operations,
@@ -415,6 +504,7 @@ __all__ = [
     "download_codebooks",
     "load_index_from_hub",
     "load_model",
+    "model_files",
     "push_folder_to_hub",
     "push_index_to_hub",
     "push_model_to_hub",

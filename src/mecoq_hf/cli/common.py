@@ -29,6 +29,7 @@ DATA_FLAGS = {  # data setting (`SplitDefinition` field) -> flag, of `mecoq trai
     "num_query": "num_query",
     "num_validation": "num_validation",
     "seed": "seed",
+    "on_bad_image": "on_bad_image",
 }
 
 
@@ -62,11 +63,21 @@ def _model_and_images(args: argparse.Namespace) -> tuple[MeCoQModel, DataSource,
 
     model = load_model(args.model)
     data = DataSource(
-        args.dataset, args.split, args.limit, args.image_column or "image", args.label_column or "label"
-    )
+        args.dataset, args.split, args.limit, args.image_column or "image", args.label_column or "label",
+        on_bad_image=args.on_bad_image or "raise",
+    )  # fmt: skip
     accelerator = _accelerator()
     with accelerator.main_process_first():
-        return model, data, accelerator, data.load()
+        images = data.load()
+    _report_skipped(accelerator, data.skipped_images)
+    return model, data, accelerator, images
+
+
+def _report_skipped(accelerator: Accelerator | None, skipped: list[str]) -> None:
+    """List the unreadable images that --on-bad-image skip dropped (one line each)."""
+    if skipped:
+        lines = "\n".join(f"  {line}" for line in skipped)
+        _say(accelerator, f"Skipped {len(skipped)} unreadable image(s) (--on-bad-image skip):\n{lines}")
 
 
 def _encoding_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +102,12 @@ def _data_options(parser: argparse.ArgumentParser, required: bool) -> None:
     group.add_argument("--image-column", help="image column of the source (default: image)")
     group.add_argument(
         "--label-column", help="label column (default: label, or labels; none: unlabelled images)"
+    )
+    group.add_argument(
+        "--on-bad-image",
+        choices=("raise", "skip"),
+        help="an unreadable image file: stop with an error naming it (raise, the default), or skip it and "
+        "list the skipped files",
     )
 
 

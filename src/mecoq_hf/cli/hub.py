@@ -11,12 +11,20 @@ from .common import _subparser
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from ..hub import push_model_to_hub
+    from ..hub import model_files, push_model_to_hub
     from ..training import RunFolder
 
     folder = Path(args.model)
     if not folder.is_dir():
         raise FileNotFoundError(f"Model folder {folder} does not exist.")
+    files = model_files(folder, args.include or ())
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    listing = "\n".join(f"  {name}  ({_size(size)})" for name, size in sizes.items())
+    total = _size(sum(sizes.values()))
+    print(f"Uploading {len(files)} files ({total}) of {folder} to {args.repo_id}:\n{listing}")
+    if args.dry_run:
+        print("Dry run: nothing was uploaded.")
+        return 0
     commit = push_model_to_hub(
         folder,
         args.repo_id,
@@ -25,9 +33,14 @@ def cmd_push(args: argparse.Namespace) -> int:
         private=args.private,
         revision=args.revision,
         commit_message=args.commit_message,
+        include=args.include or (),
     )
     print(f"Pushed {folder} to {args.repo_id}: {commit.commit_url}")
     return 0
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def cmd_card(args: argparse.Namespace) -> int:
@@ -68,10 +81,25 @@ def _hub_parsers(commands: Any) -> None:
         "push",
         cmd_push,
         "push a model folder to the Hub",
-        "Push a model folder with its model card (built from run_record.json) in one commit.",
+        (
+            "Push a model folder with its model card (built from run_record.json) in one commit. Only\n"
+            "the model's files go (config, weights, codebooks, preprocessor config, remote code and\n"
+            "README.md), listed first; checkpoints, feature caches, logs and indexes stay local unless\n"
+            "named with --include."
+        ),
     )
     push.add_argument("model", metavar="MODEL_DIR")
     push.add_argument("repo_id", metavar="REPO_ID", help="namespace/name")
+    push.add_argument(
+        "--include",
+        action="append",
+        metavar="PATH",
+        help="also upload this file of MODEL_DIR (a path or glob relative to it, e.g. metrics.json; "
+        "repeatable)",
+    )
+    push.add_argument(
+        "--dry-run", action="store_true", help="list the files that would be uploaded, and stop"
+    )
     push.add_argument(
         "--metrics", metavar="metrics.json", help="a mecoq evaluate --output file to report on the card"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from .common import DATA_FLAGS, _data_options, _given, _say, _split_options, _subparser
+from .common import DATA_FLAGS, _data_options, _given, _report_skipped, _say, _split_options, _subparser
 
 if TYPE_CHECKING:
     from ..training import RunSettings
@@ -44,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     accelerator = build_accelerator(training_args)
     run = RunFolder(training_args.output_dir)
     splits = run.record_splits(definition, accelerator, resume=training_args.resume)
+    _report_skipped(accelerator, definition.skipped_images)  # also recorded in splits.json
     _say(accelerator, f"Data: {definition.describe(splits)}.")
     _say(
         accelerator,

@@ -1,9 +1,9 @@
 """The torch side of the data room: normal-form image datasets as `torch.utils.data` loaders.
 
-`ImageDataset` decodes images itself (from the `{"bytes", "path"}` values of an `Image(decode=False)` column), so
-an unreadable file is reported with its path and is raised or skipped as asked (`on_bad_image`); the collate
-functions drop skipped rows. Training loaders yield two augmented views per image, evaluation loaders one view in
-dataset order with ids and labels.
+`ImageDataset` decodes images itself (from the `{"bytes", "path"}` values of an `Image(decode=False)`
+column), so an unreadable file is reported with its path and is raised or skipped as asked (`on_bad_image`);
+the collate functions drop skipped rows. Training loaders yield two augmented views per image, evaluation
+loaders one view in dataset order with ids and labels.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset, Image
 from torch.utils.data import DataLoader
 
-from .sources import BadImageError, BadImagePolicy, _require_columns, _where, decode_image
+from .sources import BadImageError, BadImagePolicy, _check_policy, _require_columns, _where, decode_image
 from .transforms import TwoViewTransform
 
 logger = logging.getLogger(__name__)
@@ -44,9 +44,8 @@ class ImageDataset(torch.utils.data.Dataset):
         on_bad_image: BadImagePolicy = "raise",
         seed: int | None = None,
     ) -> None:
-        if on_bad_image not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}.")
-        _require_columns(dataset, ["image"], "Run load_image_dataset first to normalise the column names.")
+        _check_policy(on_bad_image)
+        _require_columns(dataset, ["image"], "Load it with load_image_dataset, which names the image column.")
         self.label_column = next((c for c in ("label", "labels") if c in dataset.column_names), None)
         columns = ["image"] + [c for c in ("index", self.label_column) if c and c in dataset.column_names]
         self.dataset = dataset.select_columns(columns).cast_column("image", Image(decode=False))
@@ -90,7 +89,10 @@ class ImageDataset(torch.utils.data.Dataset):
 def _readable(items: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
     kept = [item for item in items if item is not None]
     if not kept:
-        raise BadImageError(f"All {len(items)} images of a batch were unreadable; run check_images() first.")
+        raise BadImageError(
+            f"All {len(items)} images of a batch were unreadable, so the batch is empty. Remove or replace "
+            "the unreadable files (the warnings name them); check a dataset with `check_images` first."
+        )
     return kept
 
 

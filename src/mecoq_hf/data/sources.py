@@ -57,6 +57,7 @@ KNOWN_LICENSES = {"fashion-mnist": "mit"}
 BadImagePolicy = Literal["raise", "skip"]
 _IDX_UINT8 = 0x08  # idx dtype code of unsigned bytes (the only one Fashion-MNIST uses)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+SKIP_HINT = "--on-bad-image skip (on_bad_image='skip' in Python)"
 
 
 class BadImageError(ValueError):
@@ -206,38 +207,81 @@ def _load_from_hub(name: str, split: str | None, cache_dir: str | None) -> Datas
         ) from exc
 
 
-def _load_source(source: Any, split: str | None, labels: Any, cache_dir: str | None) -> tuple[Dataset, bool]:
-    """Dispatch on the kind of source; also says whether the images are loose files worth checking."""
+# What a loaded source holds: loose image files (checked when loaded), stored image bytes (checked when
+# bad images are to be skipped), or images this module encoded itself (never checked).
+_FILES, _STORED, _DECODED = "files", "stored", "decoded"
+
+
+def _load_source(source: Any, split: str | None, labels: Any, cache_dir: str | None) -> tuple[Dataset, str]:
+    """Dispatch on the kind of source; also says what it holds (`_FILES`, `_STORED` or `_DECODED`)."""
     if isinstance(source, (Dataset, DatasetDict)):
         return (
             source if isinstance(source, Dataset) else _pick_split(source, split, "The DatasetDict")
-        ), False
+        ), _STORED
     if isinstance(source, (np.ndarray, list, tuple)):
-        return dataset_from_arrays(source, labels), False
+        return dataset_from_arrays(source, labels), _DECODED
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"Unsupported dataset source of type {type(source).__name__}; see load_image_dataset."
         )
     if str(source) == "fashion-mnist":
-        return load_fashion_mnist(split or "train"), False
+        return load_fashion_mnist(split or "train"), _DECODED
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = load_from_disk(str(path))
-            return (loaded if isinstance(loaded, Dataset) else _pick_split(loaded, split, str(path))), False
+            return (loaded if isinstance(loaded, Dataset) else _pick_split(loaded, split, str(path))), _STORED
+        _check_file_names(path)
         try:
             folder = load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
         except FileNotFoundError as exc:  # datasets' EmptyDatasetError
             raise ValueError(
                 f"The image folder {path} is empty: {exc}. Expected <root>/<class>/<images>."
             ) from exc
-        return _pick_split(folder, split, f"The image folder {path}"), True
+        return _pick_split(folder, split, f"The image folder {path}"), _FILES
     if path.exists() or str(source).startswith(("/", ".", "~")):
         raise FileNotFoundError(
             f"{path} is not a folder: expected an image folder or a `save_to_disk` folder."
         )
     loaded = _load_from_hub(str(source), split, cache_dir)
-    return (loaded if isinstance(loaded, Dataset) else _pick_split(loaded, split, str(source))), False
+    return (loaded if isinstance(loaded, Dataset) else _pick_split(loaded, split, str(source))), _STORED
+
+
+def _check_file_names(folder: Path) -> None:
+    """Refuse file names that are not UTF-8 before `datasets` fails on them with a traceback naming none.
+
+    Such names (e.g. Latin-1 bytes from an old archive) reach Python as surrogate escapes, which Arrow cannot
+    store.
+    """
+    undecodable = []
+    for parent, folders, files in os.walk(folder):
+        for name in [*folders, *files]:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                undecodable.append(os.fsencode(os.path.join(parent, name)))
+    if undecodable:
+        listing = ", ".join(repr(name)[1:] for name in sorted(undecodable)[:5])
+        more = f" and {len(undecodable) - 5} more" if len(undecodable) > 5 else ""
+        raise ValueError(
+            f"The image folder {folder} holds {len(undecodable)} file or folder name(s) that are not valid "
+            f"UTF-8, which `datasets` cannot store: {listing}{more}. Rename them to UTF-8 names (for Latin-1 "
+            f"names, `convmv -r -f latin1 -t utf-8 {folder}` lists the renames and --notest applies them), "
+            "or move them out of the folder."
+        )
+
+
+def _unlabelled_folder_error(folder: Path) -> ValueError:
+    """Why an image folder has no labels: `datasets` takes them from two or more class folders."""
+    classes = sorted(
+        child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith(".")
+    )
+    found = f"only one class folder ({classes[0]!r})" if len(classes) == 1 else "no class folders"
+    return ValueError(
+        f"The image folder {folder} has {found}, so its images have no labels: labels come from two or more "
+        "class folders (<root>/<class>/<images>). Add the other classes' folders, or use the images "
+        "unlabelled: --label-column none (label_column=None in Python)."
+    )
 
 
 def _require_columns(dataset: Dataset, columns: Sequence[str], fix: str = "") -> None:
@@ -252,7 +296,10 @@ def _normalize_columns(dataset: Dataset, image_column: str, label_column: str | 
     """Rename to `image` / `label` / `labels`, cast the image column to `Image()`, add `index` if absent."""
     if label_column == "label" and "label" not in dataset.column_names and "labels" in dataset.column_names:
         label_column = "labels"
-    fix = "Pass image_column=/label_column= (label_column=None for unlabelled data)."
+    fix = (
+        "Name the columns with --image-column / --label-column (--label-column none: unlabelled images; in "
+        "Python image_column= / label_column=None)."
+    )
     _require_columns(dataset, [image_column] + ([label_column] if label_column else []), fix)
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
@@ -284,6 +331,7 @@ def load_image_dataset(
     labels: np.ndarray | Sequence[int] | None = None,
     on_bad_image: BadImagePolicy = "raise",
     cache_dir: str | None = None,
+    skipped: list[str] | None = None,
 ) -> Dataset:
     """Load images from any supported source into the normal form described in the module docstring.
 
@@ -294,19 +342,31 @@ def load_image_dataset(
         split (`str`, *optional*): which split of a multi-split source (Fashion-MNIST defaults to "train").
         image_column / label_column: the source's column names; label_column=None for unlabelled data.
         on_bad_image: for image folders every file is decoded once up front; unreadable ones are reported
-            with their path, then raised ("raise") or dropped with a warning ("skip").
+            with their path, then raised ("raise") or dropped with a warning ("skip"). With "skip" the images
+            of saved datasets, Hub datasets and `Dataset` objects are checked up front too.
         cache_dir: cache folder for `load_dataset` (image folders and Hub datasets).
+        skipped: a list that receives one line (path and reason) per image dropped by "skip".
+
+    Raises:
+        BadImageError: unreadable images with on_bad_image="raise" (the message lists them).
+        ValueError: an empty source, missing columns, an image folder without labels (one class folder or
+            none) while a label column is asked for, or file names that are not UTF-8.
     """
     in_memory = isinstance(source, (np.ndarray, list, tuple))
     if labels is not None and not in_memory:
         raise ValueError("labels= is only for in-memory images; other sources carry their own label column.")
-    dataset, loose_files = _load_source(source, split, labels, cache_dir)
+    dataset, holds = _load_source(source, split, labels, cache_dir)
     if len(dataset) == 0:
         raise ValueError(f"The dataset loaded from {source!r} is empty (0 rows); check the path and split.")
     if in_memory and labels is None:
         label_column = None
+    unlabelled = not {"label", "labels"} & set(dataset.column_names)
+    if holds == _FILES and label_column in ("label", "labels") and unlabelled:
+        raise _unlabelled_folder_error(Path(source).expanduser())
     dataset = _normalize_columns(dataset, image_column, label_column)
-    return check_images(dataset, on_bad_image=on_bad_image) if loose_files else dataset
+    if holds == _FILES or (holds == _STORED and on_bad_image == "skip"):
+        return check_images(dataset, on_bad_image=on_bad_image, skipped=skipped)
+    return dataset
 
 
 # bad images
@@ -329,10 +389,17 @@ def _where(value: Any, row: int) -> str:
     return f"{path} (row {row})" if path else f"at row {row}"
 
 
-def check_images(dataset: Dataset, *, on_bad_image: BadImagePolicy = "raise") -> Dataset:
-    """Decode every image once; raise a `BadImageError` listing the unreadable ones, or drop them ("skip")."""
-    if on_bad_image not in ("raise", "skip"):
-        raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}.")
+def check_images(
+    dataset: Dataset, *, on_bad_image: BadImagePolicy = "raise", skipped: list[str] | None = None
+) -> Dataset:
+    """Decode every image once; raise a `BadImageError` listing the unreadable ones, or drop them ("skip").
+
+    Args:
+        dataset: a normal-form dataset.
+        on_bad_image: "raise" or "skip".
+        skipped: a list that receives one line (path and reason) per dropped image.
+    """
+    _check_policy(on_bad_image)
     raw = dataset.select_columns(["image"]).cast_column("image", Image(decode=False))
     problems: dict[int, str] = {}
     for start, batch in enumerate(raw.iter(batch_size=256)):
@@ -347,11 +414,22 @@ def check_images(dataset: Dataset, *, on_bad_image: BadImagePolicy = "raise") ->
     listing = "; ".join(list(problems.values())[:10]) + (" ..." if len(problems) > 10 else "")
     if on_bad_image == "raise":
         raise BadImageError(
-            f"{len(problems)} of {len(dataset)} images cannot be read: {listing}. "
-            "Remove or replace these files, or pass on_bad_image='skip' to drop them."
+            f"{len(problems)} of {len(dataset)} images cannot be read: {listing}. Remove or replace these "
+            f"files, or drop them: {SKIP_HINT}."
         )
-    logger.warning("Dropping %d unreadable images: %s", len(problems), listing)
+    if skipped is None:
+        logger.warning("Dropping %d unreadable images: %s", len(problems), listing)
+    else:  # the caller reports them
+        skipped.extend(problems.values())
     return dataset.select([row for row in range(len(dataset)) if row not in problems])
+
+
+def _check_policy(on_bad_image: str) -> None:
+    if on_bad_image not in ("raise", "skip"):
+        raise ValueError(
+            f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r} (mecoq: --on-bad-image "
+            "raise|skip)."
+        )
 
 
 # sources: where a run's images come from, as recorded in splits.json and index sidecars
@@ -365,14 +443,18 @@ class DataSource:
     (`mecoq evaluate`, `mecoq search --grid`).
 
     Args:
-        source (`str`): "fashion-mnist", an image folder, a `save_to_disk` folder, or a Hub dataset name. Local
-            paths are stored absolute, so a recorded source still resolves from another working directory.
+        source (`str`): "fashion-mnist", an image folder, a `save_to_disk` folder, or a Hub dataset name.
+            Local paths are stored absolute, so a recorded source still resolves from another working
+            directory.
         split (`str`, *optional*): split of a multi-split source; "train+test" concatenates splits in that
             order and re-numbers `index` over the concatenation.
         limit (`int`, *optional*): keep only the first `limit` rows (small CPU runs).
         image_column (`str`, *optional*, defaults to "image"): the source's image column.
         label_column (`str`, *optional*, defaults to "label"): the source's label column; None (or "none"):
             unlabelled images.
+        on_bad_image (`str`, *optional*, defaults to "raise"): "raise" on an unreadable image, or "skip" it
+            (`load_image_dataset`); after `load`, `skipped_images` lists the skipped ones. Recorded, so that
+            a reload drops the same images.
     """
 
     source: str
@@ -380,6 +462,7 @@ class DataSource:
     limit: int | None = None
     image_column: str = "image"
     label_column: str | None = "label"
+    on_bad_image: str = "raise"
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -392,6 +475,8 @@ class DataSource:
             raise ValueError(f"limit must be a positive number of images, got {self.limit}.")
         if isinstance(self.label_column, str) and self.label_column.lower() in ("", "none", "null"):
             self.label_column = None  # unlabelled images
+        _check_policy(self.on_bad_image)
+        self.skipped_images: list[str] = []  # filled by `load` (not a field: never recorded)
 
     @property
     def name(self) -> str:
@@ -409,19 +494,16 @@ class DataSource:
         return KNOWN_LICENSES.get(self.source)
 
     def load(self) -> Dataset:
-        """The images in the normal form of this module (`image`, `label`/`labels`, `index`)."""
+        """The images in the normal form of this module (`image`, `label`/`labels`, `index`); with "skip",
+        `skipped_images` then lists the dropped images (path and reason)."""
         names = self.split.split("+") if self.split else [None]
-        try:
-            parts = [
-                load_image_dataset(
-                    self.source, split=name, image_column=self.image_column, label_column=self.label_column
-                )
-                for name in names
-            ]
-        except ValueError as error:
-            if self.label_column and "not found" in str(error) and repr(self.label_column) in str(error):
-                raise ValueError(f"{error} With mecoq: --label-column none (unlabelled images).") from error
-            raise
+        self.skipped_images = []
+        parts = [
+            load_image_dataset(self.source, split=name, image_column=self.image_column,
+                               label_column=self.label_column, on_bad_image=self.on_bad_image,
+                               skipped=self.skipped_images)
+            for name in names
+        ]  # fmt: skip
         images = parts[0]
         if len(parts) > 1:  # one numbering over the concatenation, in the order given
             images = concatenate_datasets([part.remove_columns("index") for part in parts])
@@ -445,7 +527,8 @@ class DataSource:
         return [images[positions[item]]["image"] for item in ids]
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields of this source (not of a subclass), JSON-ready: `DataSource(**to_dict())` rebuilds it."""
+        """The fields of this source (not of a subclass), JSON-ready: `DataSource(**to_dict())` rebuilds
+        it."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(DataSource)}
 
 
@@ -465,6 +548,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
     "KNOWN_LICENSES",
+    "SKIP_HINT",
     "BadImageError",
     "DataSource",
     "check_images",

@@ -70,7 +70,8 @@ class _Pools:
             if cursor + share > len(pool):
                 raise ValueError(
                     f"Not enough images for {what}: {self.names[position]} has {len(pool) - cursor} left, "
-                    f"needs {share}. Ask for fewer images or pass per_class=False."
+                    f"needs {share}. Ask for fewer images (mecoq: --num-query, --num-validation, "
+                    "--train-size), or draw without classes (--set data.per_class=false; per_class=False)."
                 )
             taken.append(pool[cursor : cursor + share])
             self.cursors[position] += share
@@ -141,7 +142,8 @@ def retrieval_splits(
 def cifar10_protocol_splits(
     dataset: Dataset, protocol: Literal["I", "II"], *, seed: int = 2021, num_validation: int = 0
 ) -> DatasetDict:
-    """CIFAR-10 protocols of docs/method.md §8 on the merged 60k images (official train then test, `label` column).
+    """CIFAR-10 protocols of docs/method.md §8 on the merged 60k images (official train then test, `label`
+    column).
 
     Each class (in label order) is permuted with `numpy.random.RandomState(seed)`: the first 1,000 -> query;
     I: the rest -> database = train; II: positions 1000-1499 -> train, 1000-end -> database. The paper has no
@@ -181,8 +183,8 @@ def flickr25k_splits(
     num_train: int = 5000,
     num_validation: int = 0,
 ) -> DatasetDict:
-    """Flickr25K protocol (docs/method.md §8): one `RandomState(seed)` permutation of all rows (unlabelled ones
-    included); the first `num_query` -> query, the rest -> database, its first `num_train` -> train.
+    """Flickr25K protocol (docs/method.md §8): one `RandomState(seed)` permutation of all rows (unlabelled
+    ones included); the first `num_query` -> query, the rest -> database, its first `num_train` -> train.
     `num_validation` rows from the end of the permutation are held out of database and train."""
     _check_counts(num_query=num_query, num_train=num_train, num_validation=num_validation)
     order = np.random.RandomState(seed).permutation(len(dataset))
@@ -320,8 +322,19 @@ class SplitDefinition(DataSource):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
 
     def build(self) -> DatasetDict:
-        """Load the images and split them: a `DatasetDict` with query, validation, database and train."""
+        """Load the images and split them: a `DatasetDict` with query, validation, database and train.
+
+        Raises:
+            ValueError: the images are unlabelled but validation queries are asked for (they select the
+                model by mAP, which needs labels), or the splits do not fit the data.
+        """
         images = self.load()
+        if self.num_validation and not {"label", "labels"} & set(images.column_names):
+            raise ValueError(
+                f"{self.name} is unlabelled, but {self.num_validation} validation queries were asked for: "
+                "validation selects the model by mAP, which needs labels. Train without validation "
+                "(mecoq train --num-validation 0; data.num_validation=0): the last epoch's model is kept."
+            )
         if self.protocol in ("cifar10-i", "cifar10-ii"):
             protocol = "I" if self.protocol == "cifar10-i" else "II"
             return cifar10_protocol_splits(
@@ -360,6 +373,7 @@ class SplitDefinition(DataSource):
             "definition": dataclasses.asdict(self),
             "sizes": {name: len(split) for name, split in splits.items()},
             "fingerprints": {name: split_fingerprint(split) for name, split in splits.items()},
+            "skipped_images": list(self.skipped_images),  # unreadable images dropped by on_bad_image="skip"
         }
 
     def save(self, splits: DatasetDict, folder: str | os.PathLike) -> Path:
@@ -383,12 +397,13 @@ class SplitDefinition(DataSource):
         return cls(**definition), record
 
     def check_against(self, splits: DatasetDict, record: dict[str, Any], fix: str) -> None:
-        """Raise `ValueError` (with `fix` as the advice) if the rebuilt splits differ from the recorded ones."""
+        """Raise `ValueError` (with `fix` as the advice) if the rebuilt splits differ from the recorded
+        ones."""
         for name, expected in (record.get("fingerprints") or {}).items():
             if name in splits and split_fingerprint(splits[name]) != expected:
                 raise ValueError(
-                    f"The {name} split built from {self.source!r} differs from the one recorded in {SPLITS_FILE}: "
-                    f"the data or the split options changed since. {fix}"
+                    f"The {name} split built from {self.source!r} differs from the one recorded in "
+                    f"{SPLITS_FILE}: the data or the split options changed since. {fix}"
                 )
 
 

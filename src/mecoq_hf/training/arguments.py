@@ -8,6 +8,8 @@ reports tell the two apart from the arguments themselves (`TrainingArguments.plu
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,7 @@ _POSITIVE = (
     "keep_checkpoints",
 )
 _POSITIVE_OR_NONE = ("max_steps", "patience", "top_k", "checkpoint_every_steps")
+_NON_NEGATIVE = ("warmup_epochs", "warmup_start_lr", "final_lr", "momentum", "weight_decay")
 _CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "memory_pointer": ("nominal", "actual"),
@@ -100,6 +103,7 @@ class TrainingArguments:
     progress_bar: bool = _plumbing(True)
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in _POSITIVE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -116,9 +120,29 @@ class TrainingArguments:
                 f"learning_rate must be > 0 and backbone_lr_scale >= 0, got {self.learning_rate} and "
                 f"{self.backbone_lr_scale}."
             )
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+
+    def _check_types(self) -> None:
+        """Numbers are numbers (floats finite: a NaN learning rate would train NaN weights), flags are bools.
+
+        Raises:
+            TypeError: a value of the wrong kind (e.g. the string "abc" for `cached_views`).
+            ValueError: a NaN or infinite float.
+        """
+        for item in dataclasses.fields(self):
+            value, kind = getattr(self, item.name), item.type.split(" | ")[0]
+            if value is None and "None" in item.type:
+                continue
+            if kind in ("int", "float", "bool") and not _is_kind(value, kind):
+                expected = {"int": "a whole number", "float": "a number", "bool": "true or false"}[kind]
+                raise TypeError(f"{item.name} must be {expected}, got {value!r}.")
+            if kind == "float" and not math.isfinite(value):
+                raise ValueError(f"{item.name} must be a finite number, got {value}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Every argument, JSON-ready (the content of `training_args.json`)."""
@@ -128,6 +152,14 @@ class TrainingArguments:
     def plumbing_names(cls) -> frozenset[str]:
         """The arguments that leave the trained model unchanged (folders, logging, workers, checkpoints)."""
         return frozenset(item.name for item in dataclasses.fields(cls) if item.metadata.get("plumbing"))
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether `value` is an int (numpy's too), a real number (an int will do) or a bool; a bool is never
+    taken for a number."""
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    return isinstance(value, numbers.Integral if kind == "int" else numbers.Real)
 
 
 __all__ = ["TrainingArguments"]

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -221,17 +222,31 @@ class RunFolder:
         return (self.recorded_training_args() or {}).get("top_k") or TrainingArguments.top_k
 
     def append_log(self, event: str, values: dict[str, Any]) -> None:
-        """Append `{"event": event, **values}` as one line of `log.jsonl`."""
+        """Append `{"event": event, **values}` as one line of `log.jsonl`.
+
+        Every line is strict JSON: a NaN or infinite number is written as null (JSON has no NaN).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(_finite_or_null({"event": event, **values}), allow_nan=False)
         with open(self.path / LOG_FILE, "a") as file:
-            file.write(json.dumps({"event": event, **values}) + "\n")
+            file.write(line + "\n")
 
     def read_log(self) -> list[dict[str, Any]]:
-        """Every record of `log.jsonl`, oldest first (empty when there is no log)."""
+        """Every record of `log.jsonl`, oldest first (empty when there is no log).
+
+        A last line cut short (the run was killed while writing it) is left out.
+        """
         path = self.path / LOG_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines and not text.endswith("\n"):
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        return [json.loads(line) for line in lines]
 
     # run record
 
@@ -340,6 +355,17 @@ class RunFolder:
                 BASELINE_TITLES.get(key, key): value for key, value in report.baselines.items()
             }
         return record
+
+
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in nested dicts and lists too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _library_versions() -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 from ..data.splits import SplitDefinition
 from ..file_io import read_json
 from ..models.mecoq.configuration_mecoq import MeCoQConfig, num_codebooks_for_bits
-from .arguments import TrainingArguments
+from .arguments import TrainingArguments, _is_kind
 
 SECTIONS = ("model", "training", "data")
 
@@ -46,7 +47,12 @@ def _field_types(section: str) -> dict[str, str]:
         fields = [item for item in dataclasses.fields(MeCoQConfig) if item.name not in base]
     else:
         fields = dataclasses.fields(TrainingArguments if section == "training" else SplitDefinition)
-    return {item.name: str(item.type) for item in fields}
+    return {item.name: _annotation_text(item.type) for item in fields}
+
+
+def _annotation_text(annotation: Any) -> str:
+    """ "int", "float | int", "str | None": a class by its name (`MeCoQConfig` has no string annotations)."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 def _check_keys(section: str, settings: Mapping[str, Any], known: set[str]) -> None:
@@ -61,16 +67,32 @@ def _check_keys(section: str, settings: Mapping[str, Any], known: set[str]) -> N
             raise ValueError(f"Unknown {section} setting {key!r}.{hint}")
 
 
-def _coerce(value: Any, annotation: str) -> Any:
-    """Strings from YAML or an assignment into the field's number type ("1e-3" is a string in YAML 1.1)."""
-    if not isinstance(value, str):
-        return value
-    for kind, convert in (("float", float), ("int", int)):
-        if kind in annotation:
-            try:
-                return convert(value)
-            except ValueError:
-                continue
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
+    """A setting as its field's type: numbers written as strings become numbers ("1e-3" is a string in YAML
+    1.1); a value that cannot be one, or a NaN or infinite float, is refused naming the setting.
+
+    Raises:
+        ValueError: e.g. `training.cached_views=abc`, `training.learning_rate=nan`.
+    """
+    kinds = annotation.split(" | ")
+    if isinstance(value, str) and "str" not in kinds:
+        for kind, convert in (("float", float), ("int", int)):
+            if kind in kinds:
+                try:
+                    value = convert(value)
+                    break
+                except ValueError:
+                    continue
+    number = {"float": "a number", "int": "a whole number", "bool": "true or false"}.get(kinds[0])
+    if number is not None and not (value is None and "None" in kinds or _is_kind(value, kinds[0])):
+        raise ValueError(
+            f"{section}.{key} must be {number}, got {value!r} (check the config file, the flags and --set)."
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(
+            f"{section}.{key} must be a finite number, got {value} (check the config file, the flags and "
+            "--set)."
+        )
     return value
 
 
@@ -78,8 +100,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A `.json`/`.yaml` run config: optional `preset:` plus `model:`, `training:` and `data:` sections.
 
     Raises:
-        FileNotFoundError, ValueError, TypeError: a missing file, a wrong suffix or unknown top-level key, or
-            a section that is not a mapping.
+        FileNotFoundError, ValueError, TypeError: a missing file, a wrong suffix, invalid YAML or JSON, an
+            unknown top-level key, or a section that is not a mapping.
     """
     import yaml
 
@@ -89,7 +111,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix.lower() == ".json":
         content = read_json(path, "Config file")
     elif path.suffix.lower() in (".yaml", ".yml"):
-        content = yaml.safe_load(path.read_text())
+        try:
+            with open(path, encoding="utf-8") as stream:  # marks in the error then name the file
+                content = yaml.safe_load(stream)
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ValueError(f"Config file {path} is not valid YAML: {error}") from error
     else:
         raise ValueError(f"Config file {path} must end in .json, .yaml or .yml, got {path.suffix!r}.")
     content = {} if content is None else content
@@ -191,7 +217,8 @@ def resolve_run_settings(
     for section, values in sections.items():
         types = _field_types(section)
         _check_keys(section, values, set(types))
-        sections[section] = {key: _coerce(value, types[key]) for key, value in values.items()}
+        sections[section] = {key: _coerce(section, key, value, types[key]) for key, value in values.items()}
+    _share_bad_image_policy(sections)
     _require(sections)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
     if "mixed_precision" not in sections["training"] and launcher_precision in ("fp16", "bf16"):
@@ -201,6 +228,20 @@ def resolve_run_settings(
         TrainingArguments(**sections["training"]),
         SplitDefinition(**sections["data"]),
     )
+
+
+def _share_bad_image_policy(sections: dict[str, dict[str, Any]]) -> None:
+    """`on_bad_image` is one choice, whether set for loading (data) or for the training loader (training)."""
+    given = {
+        sections[name]["on_bad_image"] for name in ("training", "data") if "on_bad_image" in sections[name]
+    }
+    if len(given) > 1:
+        raise ValueError(
+            f"training.on_bad_image and data.on_bad_image differ ({sorted(given)}): set one of them, or "
+            "use mecoq train --on-bad-image raise|skip."
+        )
+    if given:
+        sections["training"]["on_bad_image"] = sections["data"]["on_bad_image"] = given.pop()
 
 
 def _require(sections: dict[str, dict[str, Any]]) -> None:

@@ -26,6 +26,7 @@ from datasets import Dataset, DatasetDict
 
 from ..data.loaders import make_train_dataloader
 from ..data.transforms import build_train_transform
+from ..encoding import non_finite_parameter
 from ..feature_cache import CachedViewPairs, compute_view_features
 from ..models.mecoq.configuration_mecoq import MeCoQConfig
 from ..models.mecoq.modeling_mecoq import MeCoQModel
@@ -192,10 +193,7 @@ class _TrainingLoop:
                 **batch, use_memory=use_memory
             )  # two image views, or two cached feature views
             if not torch.isfinite(output.loss):
-                raise FloatingPointError(
-                    f"The loss became {output.loss.item()} at epoch {epoch}, step {self.state.global_step}. "
-                    "Lower learning_rate, raise temperature, or disable mixed precision."
-                )
+                self._stop_on_non_finite_loss(output.loss.item(), epoch)
             accelerator.backward(output.loss)
             self.optimizer.step()
             if accelerator.sync_gradients:
@@ -211,6 +209,43 @@ class _TrainingLoop:
             self.network.update_memory(*_views(codes), advance=advance)
         return output
 
+    def _stop_on_non_finite_loss(self, loss: float, epoch: int) -> None:
+        """Log and raise `FloatingPointError` naming the step, its learning rate and the likely cause."""
+        step, lr = self.state.global_step + 1, self.scheduler.get_last_lr()[0]
+        broken = non_finite_parameter(self.network)
+        if broken is not None:
+            cause = (
+                f"the weights ({broken}) were already NaN or infinite: the learning rate is too high. Lower "
+                "--learning-rate (training.learning_rate)"
+            )
+        else:
+            cause = (
+                "the weights are finite, so the loss itself overflowed. Raise model.temperature, lower "
+                "model.softmax_scale (--set model.KEY=VALUE) or train without --mixed-precision"
+            )
+        self._fail(
+            step,
+            f"Training stopped: the loss became {loss} at step {step} (epoch {epoch}, learning rate "
+            f"{lr:.3g}); {cause}, then resume from a checkpoint (--resume) or start over.",
+        )
+
+    def _check_weights(self, saving: str) -> None:
+        """Refuse to save `saving` (a checkpoint or the model) from weights that hold NaN or infinity."""
+        broken = non_finite_parameter(self.network)
+        if broken is not None:
+            step = self.state.global_step
+            self._fail(
+                step,
+                f"Training stopped at step {step}: the weights ({broken}) became NaN or infinite, so "
+                f"{saving} was not saved. The learning rate is too high: lower --learning-rate "
+                "(training.learning_rate), then resume from an earlier checkpoint (--resume) or start over.",
+            )
+
+    def _fail(self, step: int, message: str) -> None:
+        if self.is_main:
+            self.run.append_log("error", {"step": step, "message": message})
+        raise FloatingPointError(message)
+
     def _after_optimizer_step(self, output: Any, epoch: int) -> bool:
         """Count and log the step and checkpoint when due; False once `max_steps` is reached."""
         args, state = self.args, self.state
@@ -222,6 +257,7 @@ class _TrainingLoop:
         self.reached_max_steps = args.max_steps is not None and state.global_step >= args.max_steps
         due = args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0
         if self.reached_max_steps or due:
+            self._check_weights("the checkpoint")
             save_checkpoint(self.accelerator, self.run.path, state, args.keep_checkpoints)
         return not self.reached_max_steps
 
@@ -249,6 +285,7 @@ class _TrainingLoop:
 
     def end_epoch(self, epoch: int) -> bool:
         """Validate when due, record the epoch and checkpoint; True when patience ran out."""
+        self._check_weights("the epoch's checkpoint")
         state = self.state
         record = {
             "epoch": epoch,
@@ -293,6 +330,7 @@ class _TrainingLoop:
         state, accelerator = self.state, self.accelerator
         finished = not self.reached_max_steps
         if state.best_metric is None:  # no validation split: the last model is the result
+            self._check_weights("the model")
             self.network.save_pretrained(self.run.path, is_main_process=self.is_main)
         if self.is_main:
             self.run.write_run_record(self.config, self.args, state, train_dataset,

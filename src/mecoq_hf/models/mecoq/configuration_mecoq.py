@@ -248,6 +248,9 @@ class MeCoQConfig(PreTrainedConfig):
 
     def validate_loss(self) -> None:
         """Checks of the loss and memory settings run by `@strict` at construction."""
+        for field in ("softmax_scale", "temperature", "pos_prior", "entropy_weight", "codeword_reg_weight"):
+            if not math.isfinite(getattr(self, field)):
+                raise ValueError(f"{field} must be a finite number, got {getattr(self, field)}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}. The paper uses 0.2-0.45.")
         if self.softmax_scale <= 0:

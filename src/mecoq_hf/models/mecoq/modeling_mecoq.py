@@ -339,13 +339,15 @@ class MeCoQModel(MeCoQPreTrainedModel):
 
         Files are first written to a temporary folder beside the target and then moved in one by one with
         `os.replace`, so an interrupted save never leaves a half-written file under its final name. Every file
-        gets the mode the umask asks for (0o666 & ~umask; `safetensors` alone would make them 0600).
+        gets the mode the umask asks for (0o666 & ~umask; `safetensors` alone would make them 0600). The
+        temporary folders of saves that were killed (their process is gone) are removed.
         """
         if not is_main_process:
             return
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
+        _remove_stale_staging(save_directory)
+        staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=save_directory)
         try:
             with _without_transformers_bars():  # "Writing model shards" at every checkpoint says nothing
                 super().save_pretrained(staging, *args, is_main_process=True, **kwargs)
@@ -374,6 +376,17 @@ class MeCoQModel(MeCoQPreTrainedModel):
         )
         if weights is not None:
             verify_weights_checksum(weights)
+            config = kwargs.get("config")
+            if not isinstance(config, MeCoQConfig):
+                path = cached_file(
+                    pretrained_model_name_or_path,
+                    CONFIG_NAME,
+                    _raise_exceptions_for_missing_entries=False,
+                    **lookup,
+                )
+                config = MeCoQConfig.from_json_file(path) if path is not None else None
+            if config is not None:
+                _check_config_fits_weights(config, weights)
         with _without_transformers_bars():  # nor does "Loading weights" (the Hub's download bars stay)
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -383,6 +396,66 @@ class MeCoQModel(MeCoQPreTrainedModel):
 
 
 # saving and loading
+
+_STAGING_PREFIX = ".saving-"  # + "<pid>-<random>": the temporary folder of a save in progress
+
+
+def _remove_stale_staging(save_directory: str) -> None:
+    """Remove the `.saving-*` folders of saves whose process is gone (killed mid-save)."""
+    for name in os.listdir(save_directory):
+        path = os.path.join(save_directory, name)
+        if name.startswith(_STAGING_PREFIX) and os.path.isdir(path) and not _writer_alive(name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _writer_alive(staging_name: str) -> bool:
+    pid = staging_name[len(_STAGING_PREFIX) :].split("-")[0]
+    if not pid.isdigit():  # the name of an older version: no process id, so no save of this version
+        return False
+    if os.name != "posix":  # no signal 0 to probe with: leave it
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _check_config_fits_weights(config: MeCoQConfig, weights: str) -> None:
+    """Name the config.json key that disagrees with the weights, before transformers' shape-mismatch report.
+
+    Raises:
+        ValueError: `num_codebooks`, `codebook_size` or `embedding_dim` differ from the stored tensors.
+    """
+    shapes = _tensor_shapes(weights)
+    codebooks, projection = shapes.get("quantizer.codebooks"), shapes.get("projection.weight")
+    stored = {}
+    if codebooks is not None and len(codebooks) == 3:
+        stored.update(num_codebooks=codebooks[0], codebook_size=codebooks[1])
+        stored["embedding_dim"] = codebooks[0] * codebooks[2]
+    if projection is not None and len(projection) == 2:
+        stored["embedding_dim"] = projection[0]
+    wrong = {key: value for key, value in stored.items() if getattr(config, key) != value}
+    if wrong:
+        said = ", ".join(f"{key}={getattr(config, key)}" for key in wrong)
+        held = ", ".join(f"{key}={value}" for key, value in wrong.items())
+        raise ValueError(
+            f"{CONFIG_NAME} and {os.path.basename(weights)} of {os.path.dirname(weights)} disagree: the "
+            f"config says {said}, the weights hold {held} (quantizer.codebooks {tuple(codebooks or ())}, "
+            f"projection.weight {tuple(projection or ())}). The config was edited or comes from another "
+            f"model: set {held} in {CONFIG_NAME}, or use the config saved with these weights."
+        )
+
+
+def _tensor_shapes(weights: str) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the header of a safetensors file (the data is not read)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as file:
+        return {name: list(file.get_slice(name).get_shape()) for name in file.keys()}
+
 
 _CACHED_FILE_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
