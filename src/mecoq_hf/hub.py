@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from .file_io import check_readable, read_json
+from .file_io import read_json
 from .model_card import build_model_card
+from .models.loading import load_model
 from .models.mecoq.quantization import CODEBOOKS_FILE, load_codebooks
 
 try:  # huggingface_hub >= 2 speaks HTTP through httpx2, 1.x through httpx
@@ -49,9 +50,6 @@ SKIPPED_PARTS = {".git", ".cache", "__pycache__"}
 # Required in a folder published as a model (`MeCoQModel.save_pretrained` writes all of them).
 MODEL_FILES = ("config.json", CODEBOOKS_FILE, "preprocessor_config.json")
 CARD_FILE = "README.md"
-MODEL_FOLDER_FIX = (
-    "Pass the --output-dir of `mecoq train` or a folder written by `MeCoQModel.save_pretrained`."
-)
 
 
 class HubUploadError(OSError):
@@ -447,56 +445,6 @@ def _check_model_folder(folder: Path) -> dict[str, Any]:
             "Use `push_folder_to_hub` for other folders."
         )
     return config
-
-
-def _is_local_path(text: str, path: Path) -> bool:
-    """Whether `text` names a local path: it looks like one, or something (even unreadable) is there."""
-    if text.startswith(("/", ".", "~")) or text.count("/") != 1:
-        return True
-    try:
-        path.stat()
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def load_model(model: str | os.PathLike) -> MeCoQModel:
-    """A saved MeCoQ model from a local folder or a Hub id (`namespace/name`), in float32 and eval mode.
-
-    A folder must hold the `config.json` (model_type "mecoq") that `save_pretrained` and `mecoq train` write.
-    A string that is not an existing path and has the form `namespace/name` is loaded from the Hub.
-
-    Raises:
-        ValueError: the folder is not a MeCoQ model folder, or the Hub id cannot be loaded.
-        FileNotFoundError: the path does not exist and is not a Hub id.
-        PermissionError: the folder, its config or weights may not be read by this user.
-    """
-    import torch
-
-    from .models.mecoq.modeling_mecoq import MeCoQModel
-
-    folder = Path(model).expanduser()
-    if _is_local_path(str(model), folder):
-        check_readable(folder, "Model folder", f"{MODEL_FOLDER_FIX} Or pass a Hub id org/name.")
-        if not folder.is_dir():
-            raise NotADirectoryError(f"Model {folder} is a file, not a folder. {MODEL_FOLDER_FIX}")
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise ValueError(
-                f"{folder} has no config.json: it is not a saved MeCoQ model folder. {MODEL_FOLDER_FIX}"
-            )
-        model_type = read_json(config_path, "Model config").get("model_type")
-        if model_type != "mecoq":
-            raise ValueError(f"{config_path} has model_type {model_type!r}, expected 'mecoq'.")
-        return MeCoQModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-    try:
-        return MeCoQModel.from_pretrained(str(model), dtype=torch.float32).eval()
-    except OSError as error:  # transformers' "not found / offline" errors for Hub ids
-        raise ValueError(
-            f"{str(model)!r} is neither a local model folder nor a loadable Hub model: {error}"
-        ) from error
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.sources import DataSource, decode_image
-from ..hub import load_model
+from ..models.loading import load_model
 from ..retrieval.image_index import ImageIndex
 from ..retrieval.index import CodeIndex
 from ..retrieval.sidecar import IndexSidecar

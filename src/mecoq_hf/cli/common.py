@@ -59,7 +59,7 @@ def _accelerator() -> Accelerator:
 
 def _model_and_images(args: argparse.Namespace) -> tuple[MeCoQModel, DataSource, Accelerator, Dataset]:
     """The model, the data source of the data flags, the launch's Accelerator and the source's images."""
-    from ..hub import load_model
+    from ..models.loading import load_model
 
     model = load_model(args.model)
     data = DataSource(

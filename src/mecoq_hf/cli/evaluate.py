@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..hub import load_model
+    from ..models.loading import load_model
     from ..training import RunFolder, evaluate_run
 
     model = load_model(args.model)

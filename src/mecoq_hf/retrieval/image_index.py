@@ -135,7 +135,7 @@ class ImageIndex:
 
     def load_model(self, override: str | os.PathLike | None = None) -> MeCoQModel:
         """The model of `model_source(override)`, checked to hold the codebooks the codes were made with."""
-        from ..hub import load_model
+        from ..models.loading import load_model
 
         source = self.model_source(override)
         model = load_model(source)
