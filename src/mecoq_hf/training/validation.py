@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
+from ..encoding import EncodedDataset
+from ..feature_cache import compute_eval_features
 from ..models.mecoq.modeling_mecoq import MeCoQModel
 from ..retrieval.evaluation import RetrievalEvaluator
 
@@ -20,7 +22,8 @@ class ValidationSet(RetrievalEvaluator):
     """Labelled validation queries and database for model selection by mAP@top_k.
 
     With a frozen backbone the features never change, so they are extracted once (`cache_features`) and each
-    epoch only re-runs the projection and the quantizer.
+    epoch only re-runs the projection and the quantizer. When only the last layer groups train, the outputs
+    of the frozen trunk before them are extracted once instead, and each epoch re-runs the tail as well.
     """
 
     def __init__(
@@ -28,16 +31,51 @@ class ValidationSet(RetrievalEvaluator):
     ) -> None:
         super().__init__(queries, database, top_k=top_k, name="validation", batch_size=batch_size,
                          num_workers=num_workers, show_progress_bar=False)  # fmt: skip
+        self._trunk_outputs: tuple[EncodedDataset, EncodedDataset] | None = None
 
     def cache_features(
-        self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | os.PathLike | None = None
+        self,
+        network: MeCoQModel,
+        accelerator: Accelerator,
+        cache_dir: str | os.PathLike | None = None,
+        storage_dtype: str = "float32",
     ) -> None:
-        """Extract the validation features of the (frozen) backbone once, optionally through a disk cache."""
-        self.keep_features(network.backbone, accelerator, cache_dir=cache_dir)
+        """Extract what never changes once, optionally through a disk cache: the pooled features of a frozen
+        backbone, or the outputs of the frozen trunk of a backbone whose last layer groups train. Nothing for
+        a backbone that trains entirely (or cannot be cut): then every evaluation runs it in full."""
+        backbone = network.backbone
+        if not backbone.is_trainable:
+            self.keep_features(backbone, accelerator, cache_dir=cache_dir)
+        elif backbone.has_frozen_trunk:
+            queries, database = compute_eval_features(
+                backbone, (self.queries, self.database), batch_size=self.batch_size,
+                num_workers=self.num_workers, accelerator=accelerator, trunk=True,
+                storage_dtype=storage_dtype, show_progress_bar=False, cache_dir=cache_dir,
+            )  # fmt: skip
+            self._trunk_outputs = queries, database
 
     def mean_average_precision(self, model: torch.nn.Module, accelerator: Accelerator) -> float:
         """mAP@top_k of the (possibly wrapped) model being trained."""
-        return self.evaluate(accelerator.unwrap_model(model), accelerator).map_at_k
+        network = accelerator.unwrap_model(model)
+        if self._trunk_outputs is not None:  # this epoch's tail on the kept trunk outputs
+            self._kept = tuple(
+                encoded._replace(outputs=_tail_features(network, encoded.outputs))
+                for encoded in self._trunk_outputs
+            )
+        return self.evaluate(network, accelerator).map_at_k
+
+
+@torch.no_grad()
+def _tail_features(network: MeCoQModel, trunk_outputs: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """(N, F) pooled features of the backbone's tail in eval mode on (N, ...) trunk outputs, on the CPU."""
+    was_training = network.training
+    network.eval()
+    device = network.projection.weight.device
+    try:
+        return torch.cat([network.backbone.forward_tail(chunk.to(device).float()).cpu()
+                          for chunk in trunk_outputs.split(chunk_size)])  # fmt: skip
+    finally:
+        network.train(was_training)
 
 
 __all__ = ["ValidationSet"]
