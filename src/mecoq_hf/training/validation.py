@@ -72,8 +72,14 @@ def _tail_features(network: MeCoQModel, trunk_outputs: torch.Tensor, chunk_size:
     network.eval()
     device = network.projection.weight.device
     try:
-        return torch.cat([network.backbone.forward_tail(chunk.to(device).float()).cpu()
-                          for chunk in trunk_outputs.split(chunk_size)])  # fmt: skip
+        # channels-last trunk outputs on a CPU: the tail's convolutions run about twice as fast
+        layout = torch.channels_last if device.type == "cpu" and trunk_outputs.ndim == 4 else None
+        features = []
+        for chunk in trunk_outputs.split(chunk_size):
+            chunk = chunk.to(device).float()
+            chunk = chunk.contiguous(memory_format=layout) if layout is not None else chunk
+            features.append(network.backbone.forward_tail(chunk).cpu())
+        return torch.cat(features)
     finally:
         network.train(was_training)
 
