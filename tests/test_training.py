@@ -149,6 +149,8 @@ def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
     assert all(rank["num_processes"] == 2 for rank in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["memory_sum"] == ranks[1]["memory_sum"] and ranks[0]["memory_filled"] == 32
+    # 3 epochs x 2 views x 92 real codes entered the 32 slots, not the 4 duplicates even_batches padded.
+    assert ranks[0]["memory_pointer"] == ranks[1]["memory_pointer"] == (3 * 2 * 92) % 32
     steps = [
         json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"step"' in line
     ]
