@@ -65,7 +65,10 @@ class TrainingArguments:
         keep_checkpoints: how many checkpoint folders to keep.
         resume: continue from the newest checkpoint in `output_dir/checkpoints`.
         memory_pointer: "nominal" advances the memory pointer by the nominal global batch even after a short
-            last batch (reference behaviour), "actual" by the number of codes written.
+            last batch (reference behaviour), "actual" by the number of codes written. Under several processes
+            the memory gets every process's codes (the padding of a short last batch left out);
+            `MeCoQConfig.memory_size` is the size of that shared memory and does not grow with the number of
+            processes (docs/method.md §5).
         cached_views: 0 runs the backbone on fresh augmentations every step. V >= 2 computes V augmented
             views per training image once and trains on random pairs of them: with a frozen backbone, its
             pooled features (only the head trains); with `backbone_trainable=N`, the outputs of the frozen

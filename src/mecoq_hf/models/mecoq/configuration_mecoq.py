@@ -159,7 +159,8 @@ class MeCoQConfig(PreTrainedConfig):
     codeword_reg_weight (`float`, *optional*, defaults to 0.5):
         gamma, weight of the codeword-diversity penalty (mean inner product of codewords per codebook).
     memory_size (`int`, *optional*, defaults to 384):
-        Number of soft codes the code memory keeps.
+        Number of soft codes the code memory keeps: the size of the one memory all processes share (they
+        enqueue their gathered codes), not scaled with the number of processes (docs/method.md §5).
     memory_start_epoch (`int`, *optional*, defaults to 3):
         First epoch (0-based) in which memory entries are used as negatives; `None` disables the memory.
     distance (`str`, *optional*, defaults to `"asymmetric"`):
