@@ -57,6 +57,16 @@ ROUNDS: dict[int, list[tuple[str, dict[str, Any]]]] = {
         ("official", {"entropy_weight": 0.0, "learning_rate": 0.03, "num_epochs": 50}),
         ("paper", {"learning_rate": 0.03, "num_epochs": 50}),
     ],
+    # Round 3, after the training fixes (unit codewords after every step, the memory without padded
+    # duplicates): the codebooks' own learning-rate scale (frozen backbone), and the learning-rate scale of a
+    # trainable tail (the last layer group, on cached trunk outputs; the reference trained fc6/fc7 at 1.0).
+    3: [
+        ("paper", {"codebook_lr_scale": 0.1}),
+        ("paper", {"codebook_lr_scale": 10.0}),
+        ("paper", {"backbone_trainable": 1, "backbone_lr_scale": 1e-3}),
+        ("paper", {"backbone_trainable": 1, "backbone_lr_scale": 0.1}),
+        ("paper", {"backbone_trainable": 1, "backbone_lr_scale": 1.0}),
+    ],
 }
 OUTPUT = bench.RESULTS / "mecoq_validation_sweep.json"
 logger = logging.getLogger("tune_mecoq")
@@ -70,10 +80,8 @@ def run_key(preset: str, bits: int, overrides: dict[str, Any], protocol: bench.P
 
 @torch.no_grad()
 def database_codes(model, features: dict[str, Any]) -> torch.Tensor:
-    model.eval()
-    device = model.projection.weight.device
-    return torch.cat([model.quantizer.encode(model.projection(chunk.to(device))).cpu()
-                      for chunk in features["database"].outputs.split(8192)])  # fmt: skip
+    """Hard codes of the database (pooled features, or trunk outputs for a trainable tail)."""
+    return model.quantizer.encode(bench.embeddings(model, features["database"].outputs))
 
 
 def sweep(round_number: int, bits: int, protocol: bench.Protocol) -> list[dict]:
@@ -85,12 +93,17 @@ def sweep(round_number: int, bits: int, protocol: bench.Protocol) -> list[dict]:
         key = run_key(preset, bits, overrides, protocol)
         if key in done:
             continue
+        trainable = overrides.get("backbone_trainable", "frozen")
+        if trainable != "frozen":  # the trunk outputs of this tail, extracted once (timed apart)
+            bench.extract_features(splits, protocol, trainable)
         model, info = bench.train_mecoq(f"tune-{preset}-{bits}", preset, bits, splits, protocol, overrides)
+        inputs = features if trainable == "frozen" else bench.extract_features(splits, protocol, trainable)[0]
         record = {"key": key, "round": round_number, "preset": preset, "bits": bits, "change": overrides,
-                  **info, **bench.codebook_statistics(model, database_codes(model, features))}  # fmt: skip
+                  **info, **bench.codebook_statistics(model, database_codes(model, inputs))}  # fmt: skip
         record["train_seconds"] = round(record["train_seconds"], 1)
         logger.info("%s %s: validation mAP %.4f (epoch %s/%s, %.0f s)", preset, overrides or "(protocol)",
-                    info["validation_map"], info["best_epoch"], info["epochs_run"], info["train_seconds"])  # fmt: skip
+                    info["validation_map"], info["best_epoch"], info["epochs_run"],
+                    info["train_seconds"])  # fmt: skip
         records.append(record)
         bench.write_json({"protocol_note": "validation split only; see bench_quality.Protocol",
                           "runs": records}, OUTPUT)  # fmt: skip

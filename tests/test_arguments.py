@@ -23,6 +23,9 @@ from mecoq_hf.training.checkpoints import TrainerState
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
         ({"memory_pointer": "half"}, "memory_pointer must be one of"),
+        ({"codebook_lr_scale": -1.0}, "codebook_lr_scale >= 0"),
+        ({"codebook_init": "pca"}, "codebook_init must be one of"),
+        ({"cache_dtype": "int8"}, "cache_dtype must be one of"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, overrides, message):

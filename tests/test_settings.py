@@ -57,6 +57,47 @@ def test_bits_keep_the_presets_subvector_width_unless_the_width_is_given(tmp_pat
     assert resolve_run_settings(overrides=required, bits=64).config.num_codebooks == 8  # K = 256 by default
 
 
+@pytest.mark.parametrize(
+    ("preset", "weight_decay", "top_k", "trainable"),
+    [("cifar10-i-32", 1e-3, 1000, 2), ("cifar10-ii-32", 5e-3, 1000, 2), ("flickr25k-16", 0.1, 5000, "frozen"),
+     ("nuswide-64", 1e-2, 5000, "frozen")],
+)  # fmt: skip
+def test_a_reference_script_preset_carries_the_training_arguments_of_its_run(
+    tmp_path, preset, weight_decay, top_k, trainable
+):
+    required = {"training": {"output_dir": str(tmp_path)}, "data": {"source": "x"}}
+    config, training, _ = resolve_run_settings(preset=preset, overrides=required)
+    assert (training.weight_decay, training.top_k, config.backbone_trainable) == (
+        weight_decay,
+        top_k,
+        trainable,
+    )
+    assert training.backbone_lr_scale == 1.0  # what the reference's scheduler ran (docs/method.md §13.9)
+    assert (training.learning_rate, training.batch_size, training.num_epochs, training.patience) == (
+        0.01, 128, 50, 10
+    )  # fmt: skip
+    assert config.backbone_kwargs == {"drop_rate": 0.5} and config.backbone == "vgg16"
+    # The file, the overrides and the assignments still win over the preset's training arguments.
+    overrides = {**required, "training": {**required["training"], "weight_decay": 0.5}}
+    assert resolve_run_settings(preset=preset, overrides=overrides).training.weight_decay == 0.5
+    assert (
+        resolve_run_settings(preset=preset, overrides=required, assignments=["top_k=10"]).training.top_k == 10
+    )
+    # official and paper carry no training arguments.
+    assert resolve_run_settings(preset="paper", overrides=required).training.weight_decay == 1e-3
+
+
+def test_caller_defaults_lie_below_the_preset(tmp_path):
+    required = {"training": {"output_dir": str(tmp_path)}, "data": {"source": "x"}}
+    defaults = {"model": {"backbone_trainable": 1}, "training": {"cached_views": 8, "top_k": 7}}
+    config, training, _ = resolve_run_settings(preset="paper", overrides=required, defaults=defaults)
+    assert (config.backbone_trainable, training.cached_views, training.top_k) == (1, 8, 7)
+    config, training, _ = resolve_run_settings(preset="cifar10-i-16", overrides=required, defaults=defaults)
+    assert (config.backbone_trainable, training.cached_views, training.top_k) == (2, 8, 1000)
+    with pytest.raises(ValueError, match="Unknown settings section 'optim'"):
+        resolve_run_settings(overrides=required, defaults={"optim": {}})
+
+
 def test_the_file_preset_applies_and_an_unknown_preset_is_named(tmp_path):
     path = tmp_path / "run.json"
     path.write_text('{"preset": "paper", "training": {"output_dir": "out"}, "data": {"source": "x"}}')

@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.splits import SplitDefinition
+from mecoq_hf.data.transforms import build_train_transform
+from mecoq_hf.feature_cache import compute_view_features
+from mecoq_hf.retrieval.evaluation import evaluate_model
 from mecoq_hf.training import RunFolder, TrainingArguments, train, train_on_splits
 from mecoq_hf.training.checkpoints import list_checkpoints
 
@@ -59,7 +64,7 @@ def test_bad_inputs_are_refused(tmp_path, fashion_images):
         train(MeCoQConfig(**TINY), tiny_args(tmp_path), fashion_images, validation_queries=fashion_images)
     with pytest.raises(ValueError, match="image_size=16 is too small for 'test_efficientnet'"):
         train(MeCoQConfig(**{**TINY, "image_size": 16}), tiny_args(tmp_path), fashion_images)
-    with pytest.raises(ValueError, match="cached_views=4 needs a frozen backbone"):
+    with pytest.raises(ValueError, match="cached_views=4 needs a frozen backbone or a frozen trunk"):
         train(
             MeCoQConfig(**{**TINY, "backbone_trainable": "all"}),
             tiny_args(tmp_path, cached_views=4),
@@ -70,15 +75,15 @@ def test_bad_inputs_are_refused(tmp_path, fashion_images):
 
 
 def _final_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(list_checkpoints(folder)[-1] / "model.safetensors"))
 
 
-@pytest.mark.parametrize("cached_views", [0, 4])
-def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, fashion_images, cached_views):
+@pytest.mark.parametrize(
+    "cached_views, trainable", [(0, "frozen"), (4, "frozen"), (4, 1)], ids=["images", "features", "tail"]
+)
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, fashion_images, cached_views, trainable):
     warnings.simplefilter("ignore")
-    config = MeCoQConfig(**TINY)
+    config = MeCoQConfig(**{**TINY, "backbone_trainable": trainable})
     common = dict(checkpoint_every_steps=2, cached_views=cached_views)
     train(config, tiny_args(tmp_path / "straight", **common), fashion_images)
     # Stop after 3 of the 12 steps (mid-epoch), leaving a half-written checkpoint folder as a crash would.
@@ -115,6 +120,7 @@ def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, f
     scores = [record["validation_map"] for record in result.history]
     assert len(scores) == 3 and result.best_metric == pytest.approx(max(scores))
     assert result.best_epoch == scores.index(max(scores))
+    assert result.model.memory.num_filled == 16  # reloading the best weights keeps the trained memory
     files = set(os.listdir(tmp_path))
     assert {"config.json", "model.safetensors", "codebooks.safetensors", "preprocessor_config.json",
             "training_args.json", "run_record.json", "log.jsonl"} <= files  # fmt: skip
@@ -143,6 +149,8 @@ def test_two_process_accelerate_run_keeps_ranks_identical(tmp_path):
     assert all(rank["num_processes"] == 2 for rank in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["memory_sum"] == ranks[1]["memory_sum"] and ranks[0]["memory_filled"] == 32
+    # 3 epochs x 2 views x 92 real codes entered the 32 slots, not the 4 duplicates even_batches padded.
+    assert ranks[0]["memory_pointer"] == ranks[1]["memory_pointer"] == (3 * 2 * 92) % 32
     steps = [
         json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"step"' in line
     ]
@@ -191,3 +199,89 @@ def test_train_on_recorded_splits_records_the_data_it_trained_on(tmp_path):
     }
     assert [record["step"] for record in run.read_log() if record["event"] == "step"] == [1, 2, 3]
     assert run.recorded_training_args() == tiny_args(tmp_path, num_epochs=1).to_dict()
+
+
+def _step_records(folder: Path) -> list[dict]:
+    return [record for record in RunFolder(folder).read_log() if record["event"] == "step"]
+
+
+def test_codewords_stay_unit_norm_and_each_group_gets_its_learning_rate_scale(tmp_path, fashion_images):
+    # Trainable codebooks drift off unit norm under SGD unless renormalised after every step (§2.3).
+    warnings.simplefilter("ignore")
+    config = MeCoQConfig(**{**TINY, "backbone_trainable": 1})
+    args = tiny_args(tmp_path, cached_views=4, backbone_lr_scale=0.1, codebook_lr_scale=3.0)
+    result = train(config, args, fashion_images)
+    norms = result.model.quantizer.codebooks.detach().norm(dim=-1)  # (M, K)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    steps = _step_records(tmp_path)
+    assert len(steps) == 12
+    for record in steps:
+        assert record["lr_backbone"] == pytest.approx(0.1 * record["lr"], rel=1e-12)
+        assert record["lr_codebooks"] == pytest.approx(3.0 * record["lr"], rel=1e-12)
+    assert steps[-1]["lr"] < steps[6]["lr"] < 0.05  # the schedule applies to every group
+
+
+def _fresh_model(config: MeCoQConfig, seed: int = 0) -> MeCoQModel:
+    """The model `train` starts from (it seeds, then builds the model first)."""
+    set_seed(seed, deterministic=True)
+    return MeCoQModel.for_training(config)
+
+
+def test_kmeans_initialisation_places_the_codebooks_on_the_projected_training_views(tmp_path, fashion_images):
+    warnings.simplefilter("ignore")
+    config = MeCoQConfig(**TINY)
+    cache = tmp_path / "cache"
+    args = tiny_args(tmp_path / "run", cached_views=3, codebook_init="kmeans", codebook_lr_scale=0.0,
+                     feature_cache_dir=str(cache))  # fmt: skip
+    result = train(config, args, fashion_images)
+    model = _fresh_model(config)
+    data_config = model.backbone.data_config
+    view = build_train_transform(32, data_config["mean"], data_config["std"])
+    views = compute_view_features(model.backbone, fashion_images, view, 3, seed=0, batch_size=8,
+                                  show_progress_bar=False, cache_dir=cache)  # fmt: skip
+    with torch.no_grad():
+        model.eval()
+        model.quantizer.init_codebooks_from_embeddings_(model.project(views[:, 0]), iterations=30, seed=0)
+    assert not torch.allclose(model.codebooks(), _fresh_model(config).codebooks(), atol=1e-3)
+    assert torch.allclose(result.model.codebooks(), model.codebooks(), atol=1e-6)  # lr 0 kept them
+    with torch.no_grad():
+        embeddings = model.project(views[:, 0])
+        used = [quantizer.encode(embeddings).unique(dim=0).shape[0]
+                for quantizer in (result.model.quantizer, _fresh_model(config).quantizer)]  # fmt: skip
+    assert used[0] > used[1]  # k-means codes spread the training views over more code words than random
+    with pytest.raises(ValueError, match="only 12 images"):
+        train(config, tiny_args(tmp_path / "few", codebook_init="kmeans"), fashion_images.select(range(12)))
+
+
+def test_a_resumed_checkpoint_with_raw_norm_codewords_is_renormalised_first(tmp_path, fashion_images):
+    warnings.simplefilter("ignore")
+    config = MeCoQConfig(**TINY)
+    common = dict(checkpoint_every_steps=3, cached_views=4)
+    train(config, tiny_args(tmp_path / "straight", **common), fashion_images)
+    old = tmp_path / "old"
+    train(config, tiny_args(old, max_steps=3, **common), fashion_images)
+    weights = list_checkpoints(old)[-1] / "model.safetensors"
+    state = load_file(str(weights))
+    state["quantizer.codebooks"] = state["quantizer.codebooks"] * 3.0  # as written before unit norm was kept
+    save_file(state, str(weights), metadata={"format": "pt"})
+    train(config, tiny_args(old, resume=True, **common), fashion_images)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(old)
+    assert torch.allclose(resumed["quantizer.codebooks"], straight["quantizer.codebooks"], atol=1e-6)
+    assert torch.allclose(resumed["projection.weight"], straight["projection.weight"], atol=1e-6)
+
+
+def test_a_trainable_tail_trains_on_cached_trunk_outputs_and_validates_like_a_full_evaluation(tmp_path):
+    warnings.simplefilter("ignore")
+    images = load_fashion_mnist("train", limit=160)
+    queries, database, training_images = images.select(range(20)), images.select(range(20, 120)), images
+    config = MeCoQConfig(**{**TINY, "backbone_trainable": 2})
+    args = tiny_args(tmp_path, num_epochs=2, cached_views=3, top_k=50, backbone_lr_scale=1.0)
+    result = train(config, args, training_images.select(range(120, 160)), queries, database)
+    start = _fresh_model(config).backbone.model.state_dict()
+    trained = result.model.backbone.model.state_dict()
+    changed = {name for name in start if not torch.equal(start[name], trained[name])}
+    tail = ("blocks.3.0.", "blocks.4.0.", "conv_head.", "bn2.")
+    assert changed and all(name.startswith(tail) for name in changed)
+    assert any("running_mean" in name for name in changed)  # tail BN trains in train mode
+    full = evaluate_model(result.model, queries, database, top_k=50, show_progress_bar=False).map_at_k
+    assert result.best_metric == pytest.approx(full, abs=5e-3)

@@ -1,7 +1,9 @@
 """Launched by tests/test_training.py under `accelerate launch --multi_gpu --num_processes 2` on the CPU.
 
 Trains a small model on real Fashion-MNIST images and writes, per rank, a digest of the parameters and the
-code memory so the test can check that both processes hold identical state.
+code memory so the test can check that both processes hold identical state. 92 images are not a multiple of
+the global batch of 16, so `even_batches` pads each epoch's last step with 4 repeated images; the memory
+pointer (advancing by the codes written) shows how many codes reached the memory.
 """
 
 import hashlib
@@ -16,7 +18,7 @@ from mecoq_hf.training import TrainingArguments, build_accelerator, train
 
 output_dir = Path(sys.argv[1])
 warnings.simplefilter("ignore")
-images = load_fashion_mnist("test", limit=96)
+images = load_fashion_mnist("test", limit=92)
 config = MeCoQConfig(
     backbone="test_efficientnet",
     backbone_weights=None,
@@ -36,6 +38,7 @@ args = TrainingArguments(
     progress_bar=False,
     report_to=[],
     seed=0,
+    memory_pointer="actual",
 )
 accelerator = build_accelerator(args)
 result = train(config, args, images, accelerator=accelerator)
@@ -49,5 +52,6 @@ record = {
     "digest": digest.hexdigest(),
     "memory_filled": result.model.memory.num_filled,
     "memory_sum": float(result.model.memory.codes.sum()),
+    "memory_pointer": int(result.model.memory.pointer),
 }
 (output_dir / f"rank_{accelerator.process_index}.json").write_text(json.dumps(record))

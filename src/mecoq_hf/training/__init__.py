@@ -1,7 +1,8 @@
 """Training MeCoQ with Accelerate, and the records and final test of a training run.
 
 - `arguments`: `TrainingArguments`, the optimisation and run settings;
-- `settings`: `resolve_run_settings`, preset < config file < overrides < `key=value`, into the config objects;
+- `settings`: `resolve_run_settings`, preset < config file < overrides < `key=value`, into the config objects,
+  and `describe_run_settings`; `presets`: the training arguments of the reference-script presets;
 - `run_folder`: `RunFolder`, the one owner of a run's records, and `EvaluationReport` (`metrics.json`);
 - `trainer`: `train` / `train_on_splits`, the loop; `optimization`, `checkpoints` and `validation` its parts;
 - `run_evaluation`: `evaluate_run`, mAP@K of the trained model on its query split, next to a baseline.
@@ -10,7 +11,7 @@
 from .arguments import TrainingArguments
 from .run_evaluation import evaluate_run
 from .run_folder import EvaluationReport, RunFolder
-from .settings import RunSettings, resolve_run_settings
+from .settings import RunSettings, describe_run_settings, resolve_run_settings
 from .trainer import TrainingResult, build_accelerator, train, train_on_splits
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "TrainingArguments",
     "TrainingResult",
     "build_accelerator",
+    "describe_run_settings",
     "evaluate_run",
     "resolve_run_settings",
     "train",

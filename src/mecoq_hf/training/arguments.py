@@ -26,6 +26,8 @@ _CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "memory_pointer": ("nominal", "actual"),
     "on_bad_image": ("raise", "skip"),
+    "codebook_init": ("random", "kmeans"),
+    "cache_dtype": ("float32", "float16"),
 }
 
 
@@ -50,6 +52,11 @@ class TrainingArguments:
         learning_rate: peak learning rate of the head (projection and codebooks).
         backbone_lr_scale: the trainable backbone layers use learning_rate * backbone_lr_scale. The reference
             code meant 1e-3 but its scheduler overwrote it (docs/method.md §13.9); here the scale applies.
+        codebook_lr_scale: trainable codebooks use learning_rate * codebook_lr_scale (no weight decay; the
+            schedule applies). Their codewords are rescaled to unit norm after every optimizer step.
+        codebook_init: "random" (unit-norm Xavier directions, as the paper and the reference code) or
+            "kmeans": spherical k-means on the projected training embeddings before the first step
+            (docs/method.md §2.3); needs at least codebook_size training images.
         warmup_epochs, warmup_start_lr, final_lr: per-iteration linear warm-up, then cosine decay.
         momentum, weight_decay: SGD settings (weight decay is the paper's beta; not applied to codebooks).
         gradient_accumulation_steps: micro-batches per optimizer step.
@@ -61,10 +68,16 @@ class TrainingArguments:
         keep_checkpoints: how many checkpoint folders to keep.
         resume: continue from the newest checkpoint in `output_dir/checkpoints`.
         memory_pointer: "nominal" advances the memory pointer by the nominal global batch even after a short
-            last batch (reference behaviour), "actual" by the number of codes written.
-        cached_views: 0 runs the backbone on fresh augmentations every step. N >= 2 (frozen backbone only)
-            computes N augmented views per training image once and trains the head on random pairs of them,
-            and caches the validation features too: much faster on a CPU (see `feature_cache.py`).
+            last batch (reference behaviour), "actual" by the number of codes written. Under several processes
+            the memory gets every process's codes (the padding of a short last batch left out);
+            `MeCoQConfig.memory_size` is the size of that shared memory and does not grow with the number of
+            processes (docs/method.md §5).
+        cached_views: 0 runs the backbone on fresh augmentations every step. V >= 2 computes V augmented
+            views per training image once and trains on random pairs of them: with a frozen backbone, its
+            pooled features (only the head trains); with `backbone_trainable=N`, the outputs of the frozen
+            trunk before the last N layer groups (the tail, the head and the codebooks train). Much faster on
+            a CPU (docs/method.md §6.1, `feature_cache.py`).
+        cache_dtype: "float32" or "float16" storage of cached views and validation trunk outputs.
         feature_cache_dir: keep those frozen-backbone features on disk and reuse them across runs.
         num_workers, on_bad_image: DataLoader workers; "raise" or "skip" for unreadable images.
         log_every_steps, report_to, progress_bar: JSON-lines logging cadence, Accelerate trackers ("auto":
@@ -78,6 +91,8 @@ class TrainingArguments:
     batch_size: int = 128
     learning_rate: float = 0.01
     backbone_lr_scale: float = 1e-3
+    codebook_lr_scale: float = 1.0
+    codebook_init: str = "random"
     warmup_epochs: float = 1.0
     warmup_start_lr: float = 1e-5
     final_lr: float = 1e-5
@@ -95,6 +110,7 @@ class TrainingArguments:
     resume: bool = _plumbing(False)
     memory_pointer: str = "nominal"
     cached_views: int = 0
+    cache_dtype: str = "float32"
     feature_cache_dir: str | None = _plumbing(None)
     num_workers: int = _plumbing(0)
     on_bad_image: str = _plumbing("raise")
@@ -115,10 +131,10 @@ class TrainingArguments:
             raise ValueError(
                 f"cached_views must be 0 (off) or >= 2 views per image, got {self.cached_views}."
             )
-        if self.learning_rate <= 0 or self.backbone_lr_scale < 0:
+        if self.learning_rate <= 0 or self.backbone_lr_scale < 0 or self.codebook_lr_scale < 0:
             raise ValueError(
-                f"learning_rate must be > 0 and backbone_lr_scale >= 0, got {self.learning_rate} and "
-                f"{self.backbone_lr_scale}."
+                f"learning_rate must be > 0 and backbone_lr_scale, codebook_lr_scale >= 0, got "
+                f"{self.learning_rate}, {self.backbone_lr_scale} and {self.codebook_lr_scale}."
             )
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:

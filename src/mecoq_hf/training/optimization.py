@@ -1,9 +1,9 @@
 """The optimizer and the learning-rate schedule of the reference recipe (docs/method.md §6).
 
-SGD with three parameter groups (head, trainable backbone layers at a scaled rate, codebooks without weight
-decay) and a per-iteration schedule: linear warm-up, then cosine decay. The schedule is a pure function of the
-optimizer step, so resuming builds the scheduler at the step reached (`build_scheduler(..., completed_steps)`)
-and no scheduler state is ever saved.
+SGD with three parameter groups (head, trainable backbone layers at a scaled rate, codebooks at their own
+scaled rate without weight decay) and a per-iteration schedule: linear warm-up, then cosine decay. The
+schedule is a pure function of the optimizer step, so resuming builds the scheduler at the step reached
+(`build_scheduler(..., completed_steps)`) and no scheduler state is ever saved.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def learning_rate_factor(
 
 
 def build_optimizer(model: MeCoQModel, args: TrainingArguments) -> torch.optim.SGD:
-    """SGD with the backbone at `learning_rate * backbone_lr_scale`; codebooks without weight decay.
+    """SGD with the backbone at `learning_rate * backbone_lr_scale`, the codebooks at `learning_rate *
+    codebook_lr_scale` without weight decay, the projection at `learning_rate`.
 
     Each group records its peak rate as `initial_lr` (the key torch schedulers read), so an optimizer restored
     from a checkpoint still knows the peaks its schedule scales.
@@ -46,7 +47,12 @@ def build_optimizer(model: MeCoQModel, args: TrainingArguments) -> torch.optim.S
     groups = [
         {"params": head, "lr": args.learning_rate, "weight_decay": args.weight_decay, "name": "head"},
         {"params": backbone, "lr": backbone_lr, "weight_decay": args.weight_decay, "name": "backbone"},
-        {"params": codebooks, "lr": args.learning_rate, "weight_decay": 0.0, "name": "codebooks"},
+        {
+            "params": codebooks,
+            "lr": args.learning_rate * args.codebook_lr_scale,
+            "weight_decay": 0.0,
+            "name": "codebooks",
+        },  # fmt: skip
     ]
     for group in groups:
         group["initial_lr"] = group["lr"]

@@ -3,7 +3,9 @@
 A run has three sections of settings: `model` (`MeCoQConfig` fields), `training` (`TrainingArguments`) and
 `data` (`SplitDefinition`). `resolve_run_settings` layers them as plain dicts, in this order:
 
-1. a named `MeCoQConfig` preset (model settings only), given directly or as `preset:` in the file;
+0. `defaults` of the caller (e.g. `mecoq train`'s own defaults), below everything else;
+1. a named preset, given directly or as `preset:` in the file: its `MeCoQConfig` settings and, for a
+   reference-script preset, the training arguments of that run (`training.presets`);
 2. a `.json`/`.yaml` config file with optional `model:`, `training:` and `data:` sections;
 3. `overrides`, by section (what `mecoq train`'s flags set), and `bits` (M = bits / log2(K) codebooks);
 4. `assignments`, `[section.]key=value` strings parsed as YAML (`mecoq train --set`).
@@ -26,6 +28,7 @@ from ..data.splits import SplitDefinition
 from ..file_io import read_json
 from ..models.mecoq.configuration_mecoq import MeCoQConfig, num_codebooks_for_bits
 from .arguments import TrainingArguments, _is_kind
+from .presets import training_preset_settings
 
 SECTIONS = ("model", "training", "data")
 
@@ -183,14 +186,18 @@ def resolve_run_settings(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     assignments: Sequence[str] = (),
     bits: int | None = None,
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunSettings:
-    """The settings of a run from a preset < `config_file` < `overrides` (and `bits`) < `assignments`.
+    """The settings of a run from `defaults` < a preset < `config_file` < `overrides` (and `bits`) <
+    `assignments`.
 
     Args:
-        preset: a `MeCoQConfig` preset name; beats the file's `preset:`.
+        preset: a preset name (`MeCoQConfig` settings plus, for a reference-script row, its training
+            arguments); beats the file's `preset:`.
         config_file: a `.json`/`.yaml` file (see `read_config_file`).
         overrides: section -> settings, e.g. `{"training": {"num_epochs": 5}, "data": {"source": "x"}}`.
         assignments: `[section.]key=value` strings, applied last.
+        defaults: section -> settings below everything else (what `mecoq train` chooses by itself).
         bits: code length; sets M = bits / log2(K) and keeps the sub-vector width D = d / M, unless
             `overrides["model"]` sets `embedding_dim`.
 
@@ -204,7 +211,14 @@ def resolve_run_settings(
     file = read_config_file(config_file) if config_file is not None else {}
     preset = preset or file.get("preset")
     sections = {section: dict(file.get(section) or {}) for section in SECTIONS}
-    sections["model"] = {**(MeCoQConfig.preset_settings(preset) if preset else {}), **sections["model"]}
+    for section in defaults or {}:
+        if section not in SECTIONS:
+            raise ValueError(f"Unknown settings section {section!r}; use one of {SECTIONS}.")
+    layers = {section: dict((defaults or {}).get(section) or {}) for section in SECTIONS}
+    if preset:
+        layers["model"].update(MeCoQConfig.preset_settings(preset))
+        layers["training"].update(training_preset_settings(preset))
+    sections = {section: {**layers[section], **sections[section]} for section in SECTIONS}
     for section, values in (overrides or {}).items():
         if section not in SECTIONS:
             raise ValueError(f"Unknown settings section {section!r}; use one of {SECTIONS}.")
@@ -242,6 +256,36 @@ def _share_bad_image_policy(sections: dict[str, dict[str, Any]]) -> None:
         )
     if given:
         sections["training"]["on_bad_image"] = sections["data"]["on_bad_image"] = given.pop()
+_ALWAYS_SHOWN = ("learning_rate", "batch_size", "num_epochs", "weight_decay", "top_k", "cached_views")
+
+
+def describe_run_settings(settings: RunSettings, preset: str | None = None) -> str:
+    """The resolved settings of a run, a few lines to show when it starts: the model settings that differ
+    from `MeCoQConfig()`, the main training arguments and every other one that differs from its default."""
+    from transformers import PreTrainedConfig
+
+    config, training, data = settings
+    base = {item.name for item in dataclasses.fields(PreTrainedConfig)}
+    model_defaults = MeCoQConfig()
+    names = [item.name for item in dataclasses.fields(MeCoQConfig) if item.name not in base]
+    model = {
+        name: getattr(config, name)
+        for name in names
+        if getattr(config, name) != getattr(model_defaults, name)
+    }
+    training_defaults = TrainingArguments(output_dir=training.output_dir)
+    plumbing = TrainingArguments.plumbing_names()
+    run = {key: value for key, value in training.to_dict().items() if key in _ALWAYS_SHOWN or (
+           key not in plumbing and value != getattr(training_defaults, key))}  # fmt: skip
+
+    def listed(values: dict[str, Any]) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in values.items()) or "the defaults"
+
+    header = f"Settings (preset {preset}" if preset else "Settings (no preset"
+    return (
+        f"{header}; model: what differs from the defaults):\n  model: {listed(model)}\n"
+        f"  training: {listed(run)}\n  output: {training.output_dir}"
+    )
 
 
 def _require(sections: dict[str, dict[str, Any]]) -> None:
@@ -251,4 +295,11 @@ def _require(sections: dict[str, dict[str, Any]]) -> None:
         raise ValueError("No dataset: set data.source (mecoq train: --dataset SOURCE).")
 
 
-__all__ = ["SECTIONS", "RunSettings", "parse_assignment", "read_config_file", "resolve_run_settings"]
+__all__ = [
+    "SECTIONS",
+    "RunSettings",
+    "describe_run_settings",
+    "parse_assignment",
+    "read_config_file",
+    "resolve_run_settings",
+]

@@ -27,12 +27,12 @@ from datasets import Dataset, DatasetDict
 from ..data.loaders import make_train_dataloader
 from ..data.transforms import build_train_transform
 from ..encoding import non_finite_parameter
-from ..feature_cache import CachedViewPairs, compute_view_features
+from ..feature_cache import CachedViewPairs, compute_eval_features, compute_view_features
 from ..models.mecoq.configuration_mecoq import MeCoQConfig
 from ..models.mecoq.modeling_mecoq import MeCoQModel
 from ..progress import format_duration, phase, show_mode
 from .arguments import TrainingArguments
-from .checkpoints import TrainerState, load_latest_checkpoint, save_checkpoint
+from .checkpoints import TrainerState, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from .optimization import build_optimizer, build_scheduler
 from .run_folder import RunFolder
 from .validation import ValidationSet
@@ -141,16 +141,20 @@ class _TrainingLoop:
         if queries is not None:
             self.validation = ValidationSet(queries, database, args.top_k, args.batch_size, args.num_workers,
                                             progress=args.progress_bar)  # fmt: skip
+        accelerator.print(_describe_training_path(model, args))
         loader = _train_dataloader(model, args, train_dataset, accelerator)
-        if (
-            not model.backbone.is_trainable and self.validation is not None
-        ):  # frozen: the features never change
-            self.validation.cache_features(model, accelerator, args.feature_cache_dir)
+        if self.validation is not None:  # a frozen backbone or trunk: its features are computed once
+            self.validation.cache_features(model, accelerator, args.feature_cache_dir, args.cache_dtype)
+        resuming = args.resume and bool(list_checkpoints(self.run.path))
+        if args.codebook_init == "kmeans" and not resuming:
+            _init_codebooks_by_kmeans(model, args, loader, train_dataset, accelerator)
         optimizer = build_optimizer(model, args)
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.network: MeCoQModel = accelerator.unwrap_model(self.model)
         restored = load_latest_checkpoint(accelerator, self.run.path) if args.resume else None
         self.state = restored or TrainerState()
+        if _codewords_off_unit_norm(self.network):  # a checkpoint written before they were kept at unit norm
+            self.network.renormalize_codebooks_()
         steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
         self.scheduler = build_scheduler(self.optimizer, args, steps_per_epoch, self.state.global_step)
         if self.is_main:
@@ -190,7 +194,7 @@ class _TrainingLoop:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             output = self.model(
-                **batch, use_memory=use_memory
+                **_channels_last_trunk(batch), use_memory=use_memory
             )  # two image views, or two cached feature views
             if not torch.isfinite(output.loss):
                 self._stop_on_non_finite_loss(output.loss.item(), epoch)
@@ -198,15 +202,19 @@ class _TrainingLoop:
             self.optimizer.step()
             if accelerator.sync_gradients:
                 self.scheduler.step()
+                self.network.renormalize_codebooks_()  # unit codewords, as the reference (§2.3)
             self.optimizer.zero_grad()
         if self.memory_enabled:
-            codes = accelerator.gather(torch.stack([output.assignments, output.assignments_2]).detach())
+            # Every process's codes, without the duplicates `even_batches` pads a short last batch with.
+            codes = accelerator.gather_for_metrics(
+                {"view_1": output.assignments.detach(), "view_2": output.assignments_2.detach()}
+            )  # (P * B, M, K) each
             advance = (
                 self.args.batch_size * accelerator.num_processes
                 if self.args.memory_pointer == "nominal"
                 else None
             )
-            self.network.update_memory(*_views(codes), advance=advance)
+            self.network.update_memory(codes["view_1"], codes["view_2"], advance=advance)
         return output
 
     def _stop_on_non_finite_loss(self, loss: float, epoch: int) -> None:
@@ -262,13 +270,15 @@ class _TrainingLoop:
         return not self.reached_max_steps
 
     def _log_step(self, output: Any, epoch: int, images_per_second: float) -> None:
-        lr = self.scheduler.get_last_lr()[0]
+        rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        lr = rates["head"]
         values = {
             "loss": output.loss.item(),
             "contrastive": output.contrastive_loss.item(),
             "entropy": output.entropy.item(),
             "codeword_diversity": output.codeword_diversity.item(),
             "lr": lr,
+            **{f"lr_{name}": rate for name, rate in rates.items() if name != "head"},
             "images_per_second": images_per_second,
         }
         self.progress.set_postfix(
@@ -339,7 +349,8 @@ class _TrainingLoop:
         accelerator.end_training()
         if state.best_metric is not None and finished:  # hand back the selected model, not the last one
             best = MeCoQModel.from_pretrained(self.run.path, dtype=torch.float32)
-            self.network.load_state_dict(best.state_dict(), strict=False)
+            weights = {k: v for k, v in best.state_dict().items() if not k.startswith("memory.")}
+            self.network.load_state_dict(weights, strict=False)  # the code memory stays as trained
         return TrainingResult(
             self.network,
             self.run.path,
@@ -350,35 +361,81 @@ class _TrainingLoop:
         )
 
 
+def _channels_last_trunk(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached trunk outputs (B, C, h, w) in channels-last layout on a CPU, where the tail's convolutions then
+    run about twice as fast; other inputs unchanged."""
+    return {
+        key: value.contiguous(memory_format=torch.channels_last)
+        if key.startswith("trunk_") and value.ndim == 4 and value.device.type == "cpu"
+        else value
+        for key, value in batch.items()
+    }
+
+
+def _codewords_off_unit_norm(network: MeCoQModel, tolerance: float = 1e-4) -> bool:
+    """True when some stored codeword's norm is off 1 by more than `tolerance`. Renormalising unit codewords
+    again would change their last bits, and with them an exactly resumed run."""
+    norms = network.quantizer.codebooks.detach().norm(dim=-1)  # (M, K)
+    return bool(((norms - 1).abs() > tolerance).any())
+
+
+def _describe_training_path(model: MeCoQModel, args: TrainingArguments) -> str:
+    """One line saying what trains and on what inputs (fresh augmentations, cached features or trunk)."""
+    backbone = model.backbone
+    if not backbone.is_trainable:
+        what = "the head (projection and codebooks) on a frozen backbone"
+    elif backbone.trainable == "all":
+        what = "the whole backbone and the head"
+    else:
+        what = f"the last {backbone.trainable} backbone layer groups and the head"
+    if not args.cached_views:
+        inputs = "fresh augmented views every step"
+    elif backbone.is_trainable:
+        inputs = (
+            f"{args.cached_views} cached views per image of the frozen trunk (before {backbone.tail_start})"
+        )
+    else:
+        inputs = f"{args.cached_views} cached views per image of the backbone's pooled features"
+    return f"Training {what}, on {inputs}."
+
+
 def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Dataset, accelerator: Accelerator):
-    """Two augmented image views per item, or (cached_views) two cached feature views of a frozen backbone."""
+    """Two augmented image views per item, or (cached_views) two cached views of a frozen backbone's features
+    or of its frozen trunk's outputs."""
     data_config = model.backbone.data_config
     view = build_train_transform(data_config["input_size"][-1], data_config["mean"], data_config["std"])
     if not args.cached_views:
         return make_train_dataloader(
             dataset, view, args.batch_size, args.seed, args.num_workers, on_bad_image=args.on_bad_image
         )
-    if model.backbone.is_trainable:
+    backbone = model.backbone
+    if backbone.is_trainable and not backbone.has_frozen_trunk:
         raise ValueError(
-            f"cached_views={args.cached_views} needs a frozen backbone, but backbone_trainable is "
-            f"{model.config.backbone_trainable!r}. Set backbone_trainable='frozen' or cached_views=0."
+            f"cached_views={args.cached_views} needs a frozen backbone or a frozen trunk, but "
+            f"backbone_trainable is {model.config.backbone_trainable!r} for '{backbone.name}'. Set "
+            "backbone_trainable='frozen' or a number N of last layer groups, or cached_views=0."
         )
+    trunk = backbone.is_trainable
     show = show_mode(args.progress_bar, accelerator.is_main_process)
     summary = f"{args.cached_views} views x {len(dataset)} images"
     with phase("caching views", args.cached_views * len(dataset), show=show, summary=summary):
         features = compute_view_features(
-            model.backbone,
+            backbone,
             dataset,
             view,
             args.cached_views,
             seed=args.seed,
             batch_size=args.batch_size,
             accelerator=accelerator,
+            trunk=trunk,
+            storage_dtype=args.cache_dtype,
             show_progress_bar=args.progress_bar,
             cache_dir=args.feature_cache_dir,
+            report=accelerator.print,
         )
+    keys = ("trunk_features", "trunk_features_2") if trunk else ("features", "features_2")
     return torch.utils.data.DataLoader(
-        CachedViewPairs(features.cpu(), seed=args.seed),
+        CachedViewPairs(features.cpu(), seed=args.seed, keys=keys),
         batch_size=args.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(args.seed),
@@ -386,10 +443,48 @@ def _train_dataloader(model: MeCoQModel, args: TrainingArguments, dataset: Datas
     )
 
 
-def _views(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gathered (P * 2, B, M, K) codes -> all processes' view-1 codes, then their view-2 codes (P*B, M, K)."""
-    per_process = codes.reshape(-1, 2, *codes.shape[1:])  # (P, 2, B, M, K)
-    return per_process[:, 0].flatten(0, 1), per_process[:, 1].flatten(0, 1)
+@torch.no_grad()
+def _init_codebooks_by_kmeans(
+    model: MeCoQModel,
+    args: TrainingArguments,
+    loader: torch.utils.data.DataLoader,
+    dataset: Dataset,
+    accelerator: Accelerator,
+) -> None:
+    """Codebooks = spherical k-means centroids of the projected training embeddings (docs/method.md §2.3).
+
+    The embeddings come from the first cached view of every image, or from one pass of the backbone with the
+    evaluation transform; the model is in eval mode meanwhile. Every process computes the same codebooks.
+    """
+    size = model.config.codebook_size
+    if len(dataset) < size:
+        raise ValueError(
+            f"codebook_init='kmeans' places {size} codewords per codebook by k-means on the training "
+            f"embeddings, but the training set has only {len(dataset)} images. Use more training images or "
+            "codebook_init='random'."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        views = getattr(loader.dataset, "view_features", None)  # (N, V, ...) cached views, if any
+        if views is None:
+            inputs = compute_eval_features(model.backbone, [dataset], batch_size=args.batch_size,
+                                           accelerator=accelerator, show_progress_bar=args.progress_bar,
+                                           cache_dir=args.feature_cache_dir)[0].outputs  # fmt: skip
+        else:
+            inputs = views[:, 0]  # the first view of each image
+        trunk_outputs = views is not None and model.backbone.is_trainable
+        forward = model.backbone.forward_tail if trunk_outputs else torch.nn.Identity()
+        device = model.projection.weight.device
+        embeddings = torch.cat([model.project(forward(chunk.to(device).float())).cpu()
+                                for chunk in inputs.split(1024)])  # fmt: skip  # (N, d)
+    finally:
+        model.train(was_training)
+    accelerator.print(
+        f"Initialising the codebooks by spherical k-means on {len(embeddings)} projected training embeddings "
+        f"({model.config.num_codebooks} x {size} codewords)."
+    )
+    model.quantizer.init_codebooks_from_embeddings_(embeddings, iterations=30, seed=args.seed)
 
 
 __all__ = ["TrainingResult", "build_accelerator", "train", "train_on_splits"]

@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
+from ..encoding import EncodedDataset
+from ..feature_cache import compute_eval_features
 from ..models.mecoq.modeling_mecoq import MeCoQModel
 from ..progress import phase, show_mode
 from ..retrieval.evaluation import RetrievalEvaluator
@@ -21,11 +23,12 @@ class ValidationSet(RetrievalEvaluator):
     """Labelled validation queries and database for model selection by mAP@top_k.
 
     With a frozen backbone the features never change, so they are extracted once (`cache_features`) and each
-    epoch only re-runs the projection and the quantizer.
+    epoch only re-runs the projection and the quantizer. When only the last layer groups train, the outputs
+    of the frozen trunk before them are extracted once instead, and each epoch re-runs the tail as well.
 
-    Progress (`progress.phase`, main process only): the features extracted once are the phase "validation
+    Progress (`progress.phase`, main process only): what is extracted once is the phase "validation
     features" (a bar, or one line when it ends without `progress`); a validation run that passes images
-    through the backbone shows a "validation" bar with `progress` (the training loop prints its result).
+    through the backbone (or its tail) shows a "validation" bar with `progress`.
     """
 
     def __init__(
@@ -41,22 +44,63 @@ class ValidationSet(RetrievalEvaluator):
         super().__init__(queries, database, top_k=top_k, name="validation", batch_size=batch_size,
                          num_workers=num_workers, show_progress_bar=False)  # fmt: skip
         self.progress = progress
+        self._trunk_outputs: tuple[EncodedDataset, EncodedDataset] | None = None
 
     def cache_features(
-        self, network: MeCoQModel, accelerator: Accelerator, cache_dir: str | os.PathLike | None = None
+        self,
+        network: MeCoQModel,
+        accelerator: Accelerator,
+        cache_dir: str | os.PathLike | None = None,
+        storage_dtype: str = "float32",
     ) -> None:
-        """Extract the validation features of the (frozen) backbone once, optionally through a disk cache."""
+        """Extract what never changes once, optionally through a disk cache: the pooled features of a frozen
+        backbone, or the outputs of the frozen trunk of a backbone whose last layer groups train. Nothing for
+        a backbone that trains entirely (or cannot be cut): then every evaluation runs it in full."""
+        backbone = network.backbone
         summary = f"{len(self.queries)} queries + {len(self.database)} database images"
         show = show_mode(self.progress, accelerator.is_main_process)
         with phase("validation features", len(self.queries) + len(self.database), show=show, summary=summary):
-            self.keep_features(network.backbone, accelerator, cache_dir=cache_dir)
+            if not backbone.is_trainable:
+                self.keep_features(backbone, accelerator, cache_dir=cache_dir)
+            elif backbone.has_frozen_trunk:
+                queries, database = compute_eval_features(
+                    backbone, (self.queries, self.database), batch_size=self.batch_size,
+                    num_workers=self.num_workers, accelerator=accelerator, trunk=True,
+                    storage_dtype=storage_dtype, show_progress_bar=False, cache_dir=cache_dir,
+                )  # fmt: skip
+                self._trunk_outputs = queries, database
 
     def mean_average_precision(self, model: torch.nn.Module, accelerator: Accelerator) -> float:
         """mAP@top_k of the (possibly wrapped) model being trained."""
-        runs_backbone = self._kept is None
+        network = accelerator.unwrap_model(model)
+        runs_backbone = self._kept is None or self._trunk_outputs is not None
         show = "bar" if self.progress and runs_backbone and accelerator.is_main_process else "off"
         with phase("validation", len(self.queries) + len(self.database), show=show):
-            return self.evaluate(accelerator.unwrap_model(model), accelerator).map_at_k
+            if self._trunk_outputs is not None:  # this epoch's tail on the kept trunk outputs
+                self._kept = tuple(
+                    encoded._replace(outputs=_tail_features(network, encoded.outputs))
+                    for encoded in self._trunk_outputs
+                )
+            return self.evaluate(network, accelerator).map_at_k
+
+
+@torch.no_grad()
+def _tail_features(network: MeCoQModel, trunk_outputs: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """(N, F) pooled features of the backbone's tail in eval mode on (N, ...) trunk outputs, on the CPU."""
+    was_training = network.training
+    network.eval()
+    device = network.projection.weight.device
+    try:
+        # channels-last trunk outputs on a CPU: the tail's convolutions run about twice as fast
+        layout = torch.channels_last if device.type == "cpu" and trunk_outputs.ndim == 4 else None
+        features = []
+        for chunk in trunk_outputs.split(chunk_size):
+            chunk = chunk.to(device).float()
+            chunk = chunk.contiguous(memory_format=layout) if layout is not None else chunk
+            features.append(network.backbone.forward_tail(chunk).cpu())
+        return torch.cat(features)
+    finally:
+        network.train(was_training)
 
 
 __all__ = ["ValidationSet"]

@@ -1,4 +1,6 @@
-"""Image backbones for MeCoQ: a timm feature extractor, a freezing policy, offline weights (docs/method.md §2.1).
+"""Image backbones for MeCoQ: a timm feature extractor, a freezing policy, offline weights.
+
+See docs/method.md §2.1 and, for the frozen trunk and the trainable tail, §6.1.
 
 The paper's backbone is torchvision's VGG-16 cut after fc7 (4096-d, after ReLU and dropout). timm's `vgg16`
 built with `num_classes=0` computes the same: `features` (13 convs, 5 max-pools, same indices as torchvision),
@@ -18,11 +20,12 @@ on the Hugging Face Hub, where it is reachable).
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import timm
@@ -112,6 +115,48 @@ def _minimum_input_size(model: nn.Module) -> int:
         reduction = 1
     head_conv = getattr(getattr(model, "pre_logits", None), "fc1", None)
     return reduction * (head_conv.kernel_size[0] if isinstance(head_conv, nn.Conv2d) else 1)
+
+
+def _forward_steps(model: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The forward pass of a timm model built with `num_classes=0`, as an ordered list of (name, step).
+
+    `name` is the path of the module a step runs ("" for a step without parameters of its own); running the
+    steps one after the other computes exactly `model(x)`. Known layouts: timm's `EfficientNet` (conv stem,
+    BN, one step per block, 1x1 head conv, BN, pooling head) and `VGG` (each layer of `features`, then
+    fc6 / ReLU / dropout / fc7 / ReLU of `pre_logits`, then the pooling head).
+
+    Raises:
+        ValueError: for any other architecture (its forward cannot be cut between layer groups here).
+    """
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.vgg import VGG
+
+    if isinstance(model, EfficientNet):
+        blocks = [
+            (f"blocks.{s}.{b}", block)
+            for s, stage in enumerate(model.blocks)
+            for b, block in enumerate(stage)
+        ]
+        return [("conv_stem", model.conv_stem), ("bn1", model.bn1), *blocks, ("conv_head", model.conv_head),
+                ("bn2", model.bn2), ("", model.forward_head)]  # fmt: skip
+    if isinstance(model, VGG):
+        mlp = model.pre_logits
+        layers = [(f"features.{i}", layer) for i, layer in enumerate(model.features)]
+        return [*layers, ("", functools.partial(_fit_fc6_kernel, mlp)), ("pre_logits.fc1", mlp.fc1),
+                ("", mlp.act1), ("", mlp.drop), ("pre_logits.fc2", mlp.fc2), ("", mlp.act2),
+                ("head", model.head)]  # fmt: skip
+    raise ValueError(
+        f"Cannot cut '{type(model).__name__}' into a frozen trunk and a trainable tail: only timm's "
+        "EfficientNet and VGG layouts are known. Train on fresh augmentations instead (cached_views=0)."
+    )
+
+
+def _fit_fc6_kernel(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What timm's VGG `ConvMlp` does before fc6: pool a map smaller than fc6's kernel up to the kernel."""
+    if x.shape[-2] < mlp.input_kernel_size or x.shape[-1] < mlp.input_kernel_size:
+        size = (max(mlp.input_kernel_size, x.shape[-2]), max(mlp.input_kernel_size, x.shape[-1]))
+        x = nn.functional.adaptive_avg_pool2d(x, size)
+    return x
 
 
 # main class
@@ -204,7 +249,8 @@ class TimmBackbone(nn.Module):
             policy (`str` or `int`):
                 `"frozen"` (or 0, the paper's `trainable_layer_num=0`): nothing trains and `forward` builds no
                 graph. `"all"`: everything trains. N >= 1: the last N of `parameter_groups` train.
-                VGG-16 has 15 groups (13 convs, fc6, fc7): N=1 trains fc7, N=2 fc6 and fc7 (docs/method.md §2.1).
+                VGG-16 has 15 groups (13 convs, fc6, fc7): N=1 trains fc7, N=2 fc6 and fc7
+                (docs/method.md §2.1).
                 EfficientNet has the stem, then one group per block (17 in all for Lite0); the last block
                 shares its group with the 1x1 head conv and its BN, so N=1 trains both.
         """
@@ -257,6 +303,71 @@ class TimmBackbone(nn.Module):
             return self.model(pixel_values)  # (B, F)
         with torch.no_grad():
             return self.model(pixel_values)  # (B, F), no grad_fn
+
+    # a frozen trunk and a trainable tail
+
+    @property
+    def has_frozen_trunk(self) -> bool:
+        """True when some layers train and the ones before them can be run once and cached: the forward can
+        be cut (`forward_trunk` / `forward_tail`) and at least its first layer group is frozen."""
+        if self.trainable in ("frozen", "all", 0):
+            return False
+        try:
+            return 0 < self._trunk_length() < len(self._steps())
+        except ValueError:
+            return False
+
+    def _steps(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        return _forward_steps(self.model)
+
+    def _trunk_length(self) -> int:
+        """Number of leading forward steps without a trainable parameter (the frozen trunk)."""
+        trainable = [name for name, parameter in self.model.named_parameters() if parameter.requires_grad]
+        for index, (name, _) in enumerate(self._steps()):
+            if name and any(parameter.startswith(f"{name}.") for parameter in trainable):
+                return index
+        return len(self._steps())
+
+    @property
+    def tail_start(self) -> str:
+        """The name of the first module of the trainable tail (e.g. "blocks.6.0", "pre_logits.fc2"); it also
+        names the trunk's output in feature-cache keys."""
+        steps, length = self._steps(), self._trunk_length()
+        return steps[length][0] if length < len(steps) else ""
+
+    def forward_trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, ...) the output of the frozen layers before the first trainable group,
+        without a graph. Frozen BN layers are in eval mode; dropout follows the backbone's mode.
+
+        `forward_tail(forward_trunk(x))` equals `forward(x)`.
+
+        Raises:
+            ValueError: when no layer trains, everything trains, or the architecture cannot be cut.
+        """
+        self._check_input(pixel_values)
+        steps, length = self._require_trunk()
+        with torch.no_grad():
+            for _, step in steps[:length]:
+                pixel_values = step(pixel_values)
+        return pixel_values
+
+    def forward_tail(self, trunk_outputs: torch.Tensor) -> torch.Tensor:
+        """(B, ...) outputs of `forward_trunk` -> (B, num_features) pooled features, through the trainable
+        layers (their BatchNorm follows train/eval mode as usual)."""
+        steps, length = self._require_trunk()
+        for _, step in steps[length:]:
+            trunk_outputs = step(trunk_outputs)
+        return trunk_outputs
+
+    def _require_trunk(self) -> tuple[list, int]:
+        steps = self._steps()
+        length = self._trunk_length()
+        if not 0 < length < len(steps):
+            raise ValueError(
+                f"'{self.name}' with trainable={self.trainable!r} has no frozen trunk before a trainable "
+                "tail: set backbone_trainable to N >= 1 last layer groups (not 'frozen' or 'all')."
+            )
+        return steps, length
 
     def _check_input(self, pixel_values: torch.Tensor) -> None:
         channels, *expected = self.data_config["input_size"]
@@ -311,7 +422,8 @@ def efficientnet_pytorch_to_timm(state_dict: Mapping[str, torch.Tensor], model: 
     """Map efficientnet_pytorch keys (`_conv_stem`, `_blocks.N.*`, ...) onto a timm EfficientNet `model`.
 
     Block N is the N-th block of timm's `model.blocks` stages flattened in order. Layer names follow the
-    table of docs/environment.md §7 and depend on whether that block is depthwise-separable or inverted-residual.
+    table of docs/environment.md §7 and depend on whether that block is depthwise-separable or
+    inverted-residual.
     """
     flat_blocks = [(s, b, block) for s, stage in enumerate(model.blocks) for b, block in enumerate(stage)]
     mapped = {}

@@ -45,9 +45,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# One preset per row of the reference scripts (docs/method.md §9), on top of "official". The reference backbone
-# is VGG-16 cut at fc7; its ImageNet weights must come from a local file or the Hub.
-_VGG16 = {"backbone": "vgg16", "backbone_weights": "timm", "image_size": 224}
+# One preset per row of the reference scripts (docs/method.md §9), on top of "official". The reference
+# backbone is VGG-16 cut at fc7, with dropout 0.5 after fc6 and fc7 (timm's vgg16 has none unless asked);
+# its ImageNet weights must come from a local file or the Hub. The runs' training arguments (weight decay,
+# top K, backbone learning-rate scale, ...) are keyed by the same names in `mecoq_hf.training.presets`.
+_VGG16 = {
+    "backbone": "vgg16",
+    "backbone_weights": "timm",
+    "image_size": 224,
+    "backbone_kwargs": {"drop_rate": 0.5},
+}
 _SCRIPT_ROWS = {
     # name: (M, d, tau, lambda, rho+, memory start epoch, trainable VGG fc layers)
     "flickr25k-16": (2, 32, 0.40, 0.5, 0.15, 5, 0),
@@ -139,7 +146,8 @@ class MeCoQConfig(PreTrainedConfig):
     pos_prior (`float`, *optional*, defaults to 0.1):
         rho+, the prior probability that a negative is in fact a positive, in [0, 1).
     contrastive_reduction (`str`, *optional*, defaults to `"per_anchor"`):
-        `"per_anchor"` (standard DCL) or `"broadcast"` (the reference code's 2B x 2B mean, docs/method.md §4.2).
+        `"per_anchor"` (standard DCL) or `"broadcast"` (the reference code's 2B x 2B mean,
+        docs/method.md §4.2).
     debias_count_memory (`bool`, *optional*, defaults to `True`):
         Count memory negatives in the debiasing N (the reference code uses N = 2B - 2).
     debias_floor (`str`, *optional*, defaults to `"dcl"`):
@@ -151,7 +159,8 @@ class MeCoQConfig(PreTrainedConfig):
     codeword_reg_weight (`float`, *optional*, defaults to 0.5):
         gamma, weight of the codeword-diversity penalty (mean inner product of codewords per codebook).
     memory_size (`int`, *optional*, defaults to 384):
-        Number of soft codes the code memory keeps.
+        Number of soft codes the code memory keeps: the size of the one memory all processes share (they
+        enqueue their gathered codes), not scaled with the number of processes (docs/method.md §5).
     memory_start_epoch (`int`, *optional*, defaults to 3):
         First epoch (0-based) in which memory entries are used as negatives; `None` disables the memory.
     distance (`str`, *optional*, defaults to `"asymmetric"`):

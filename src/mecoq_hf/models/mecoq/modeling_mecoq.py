@@ -213,6 +213,8 @@ class MeCoQModel(MeCoQPreTrainedModel):
         return_dict: bool | None = None,
         features: torch.Tensor | None = None,
         features_2: torch.Tensor | None = None,
+        trunk_features: torch.Tensor | None = None,
+        trunk_features_2: torch.Tensor | None = None,
     ) -> MeCoQModelOutput | tuple:
         """Quantize one view, or compute the MeCoQ training loss from two augmented views.
 
@@ -224,16 +226,17 @@ class MeCoQModel(MeCoQPreTrainedModel):
             return_dict: return a `MeCoQModelOutput` (default) or a tuple.
             features, features_2: (B, F) backbone features given instead of images. With a frozen backbone
                 they can be computed once and cached, which makes head training far cheaper on a CPU.
+            trunk_features, trunk_features_2: outputs of the backbone's frozen trunk
+                (`backbone.forward_trunk`) given instead of images, when only the last layer groups train;
+                the trainable tail runs on them (docs/method.md §6.1).
 
         Under `torch.autocast` only the backbone runs in reduced precision: the projection, the quantizer and
         the loss run in float32 with autocast disabled, so outputs and the loss are float32.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        features = self._features(pixel_values, features, "pixel_values", "features")
-        second = pixel_values_2 is not None or features_2 is not None
-        features_2 = (
-            self._features(pixel_values_2, features_2, "pixel_values_2", "features_2") if second else None
-        )
+        features = self._features(pixel_values, features, trunk_features, "")
+        second = any(view is not None for view in (pixel_values_2, features_2, trunk_features_2))
+        features_2 = self._features(pixel_values_2, features_2, trunk_features_2, "_2") if second else None
         if features_2 is not None and features_2.shape != features.shape:
             raise ValueError(
                 f"Both views must have the same shape, got {tuple(features.shape)} and "
@@ -259,13 +262,23 @@ class MeCoQModel(MeCoQPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _features(
-        self, pixel_values: torch.Tensor | None, features: torch.Tensor | None, image_name: str, name: str
+        self,
+        pixel_values: torch.Tensor | None,
+        features: torch.Tensor | None,
+        trunk_features: torch.Tensor | None,
+        view: str,
     ):
-        """(B, F) backbone features from images, or the given precomputed features (exactly one of both)."""
-        if (pixel_values is None) == (features is None):
-            raise ValueError(f"Pass exactly one of `{image_name}` (images) and `{name}` (backbone features).")
-        if features is None:
+        """(B, F) backbone features from images, from trunk outputs, or as given (exactly one of them)."""
+        if sum(value is not None for value in (pixel_values, features, trunk_features)) != 1:
+            raise ValueError(
+                f"Pass exactly one of `pixel_values{view}` (images), `features{view}` (backbone features) "
+                f"and `trunk_features{view}` (outputs of the backbone's frozen trunk)."
+            )
+        name = f"features{view}"
+        if pixel_values is not None:
             return self.backbone(pixel_values)
+        if trunk_features is not None:
+            return self.backbone.forward_tail(trunk_features)
         if features.ndim != 2 or features.shape[1] != self.backbone.num_features:
             raise ValueError(
                 f"`{name}` must have shape (B, {self.backbone.num_features}) (the backbone's pooled "
