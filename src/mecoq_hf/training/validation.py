@@ -57,12 +57,14 @@ class ValidationSet(RetrievalEvaluator):
         backbone, or the outputs of the frozen trunk of a backbone whose last layer groups train. Nothing for
         a backbone that trains entirely (or cannot be cut): then every evaluation runs it in full."""
         backbone = network.backbone
+        if backbone.is_trainable and not backbone.has_frozen_trunk:
+            return  # nothing stays the same from one evaluation to the next
         summary = f"{len(self.queries)} queries + {len(self.database)} database images"
         show = show_mode(self.progress, accelerator.is_main_process)
         with phase("validation features", len(self.queries) + len(self.database), show=show, summary=summary):
             if not backbone.is_trainable:
                 self.keep_features(backbone, accelerator, cache_dir=cache_dir)
-            elif backbone.has_frozen_trunk:
+            else:
                 queries, database = compute_eval_features(
                     backbone, (self.queries, self.database), batch_size=self.batch_size,
                     num_workers=self.num_workers, accelerator=accelerator, trunk=True,
