@@ -505,7 +505,7 @@ def fashion_mnist_ivf(args: argparse.Namespace) -> dict:
     reference_map = evaluate_codes(
         query_embeddings,
         database["codes"],
-        model.codebooks(),
+        model.normalized_codebooks(),
         query_labels,
         db_labels,
         top_k,

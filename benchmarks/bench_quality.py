@@ -360,7 +360,7 @@ def mecoq_config(preset: str, bits: int, protocol: Protocol, overrides: dict[str
 def codebook_statistics(model, codes: torch.Tensor) -> dict[str, float]:
     """Mean cosine between distinct codewords of a codebook (1 = collapsed) and the share of codewords
     used."""
-    codebooks = model.codebooks().detach().float()  # (M, K, D), unit rows
+    codebooks = model.normalized_codebooks().detach().float()  # (M, K, D), unit rows
     size = codebooks.shape[1]
     gram_sums = codebooks.sum(dim=1).pow(2).sum(dim=1)  # (M,) sum_ij <c_i, c_j>
     similarity = ((gram_sums - size) / (size * (size - 1))).mean()
@@ -390,7 +390,7 @@ def mecoq_scores(model, features: dict[str, Any]) -> tuple[CodeScores, torch.Ten
     codes = torch.cat([model.quantizer.encode(chunk) for chunk in
                        embeddings(model, features["database"].outputs).split(8192)])  # fmt: skip
     settings = SearchSettings.from_config(model.config)
-    return CodeScores(query, codes, model.codebooks().detach(), settings), codes
+    return CodeScores(query, codes, model.normalized_codebooks().detach(), settings), codes
 
 
 def training_arguments(output_dir: Path, protocol: Protocol, overrides: dict[str, Any]) -> TrainingArguments:

@@ -70,7 +70,7 @@ def training_function(config, args):
     }  # fmt: skip
     queries, database = encoded["query"], encoded["database"]
     test_map = evaluate_codes(
-        queries.outputs, database.outputs, model.codebooks().cpu(), queries.labels, database.labels,
+        queries.outputs, database.outputs, model.normalized_codebooks().cpu(), queries.labels, database.labels,
         top_k=TOP_K, settings=SearchSettings.from_config(model.config),
     )  # fmt: skip
     accelerator.print(

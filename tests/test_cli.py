@@ -101,7 +101,7 @@ def independent_map(model_dir: Path, definition: SplitDefinition, top_k: int) ->
     database = encode_dataset(model, make_eval_dataloader(splits["database"], transform, 64), method="encode",
                               show_progress_bar=False)  # fmt: skip
     settings = SearchSettings.from_config(model.config)
-    return evaluate_codes(queries.outputs, database.outputs, model.codebooks(), queries.labels,
+    return evaluate_codes(queries.outputs, database.outputs, model.normalized_codebooks(), queries.labels,
                           database.labels, top_k, settings=settings)  # fmt: skip
 
 

@@ -140,7 +140,7 @@ def reference_model_map(model, queries, database, top_k, distance=None):
             model.encode(eval_pixels(model, database)),
         )
     settings = SearchSettings.from_config(model.config, distance=distance)
-    scores = CodeScores(embeddings, codes, model.codebooks(), settings).to_tensor()
+    scores = CodeScores(embeddings, codes, model.normalized_codebooks(), settings).to_tensor()
     labels = torch.tensor(queries["label"][:]), torch.tensor(database["label"][:])
     return reference_map(scores, *labels, top_k), scores, labels
 

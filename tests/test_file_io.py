@@ -89,7 +89,7 @@ def test_the_umask_read_from_proc_equals_the_one_set_and_leaves_it_alone():
 @pytest.mark.parametrize("umask", UMASKS, ids=oct)
 def test_an_index_and_its_sidecar_follow_the_umask(tmp_path, umask):
     model = tiny_model()
-    index = CodeIndex(model.codebooks())
+    index = CodeIndex(model.normalized_codebooks())
     index.add(model.encode(torch.randn(5, 3, 32, 32)))
     with process_umask(umask):
         index.save(tmp_path / "index.safetensors")
@@ -185,7 +185,7 @@ CHILD = textwrap.dedent(
 def _save_folders(base: Path, model: MeCoQModel) -> None:
     for name in ("weights_model", "config_model", "private/model", "model"):
         model.save_pretrained(base / name)
-    CodeIndex(model.codebooks()).save(base / "index.safetensors")
+    CodeIndex(model.normalized_codebooks()).save(base / "index.safetensors")
     shutil.copy(base / "model" / "codebooks.safetensors", base / "codebooks.safetensors")
     definition = SplitDefinition(source="fashion-mnist", limit=40, num_query=5, num_validation=5)
     definition.save(definition.build(), base)
@@ -200,7 +200,7 @@ def denied_reads():
         model = tiny_model()
         for base in (root / "readable", root / "locked"):
             _save_folders(base, model)
-        index = CodeIndex(model.codebooks())
+        index = CodeIndex(model.normalized_codebooks())
         index.add(model.encode(torch.randn(4, 3, 32, 32)))
         index.save(root / "readable" / "index.safetensors")
         load_fashion_mnist("test", limit=1)[0]["image"].save(root / "readable" / "query.png")

@@ -496,7 +496,7 @@ def test_codebooks_alone_decode_codes_made_elsewhere(local_hub, tiny_model, phot
     codes = tiny_model.encode(photo_pixels)  # (4, 2), made "elsewhere"
     path = hf_hub_download(repo_id, "codebooks.safetensors")
     assert torch.equal(decode_codes(codes, load_codebooks(path)), tiny_model.decode(codes))
-    assert torch.equal(download_codebooks(repo_id), tiny_model.codebooks().detach())
+    assert torch.equal(download_codebooks(repo_id), tiny_model.normalized_codebooks().detach())
 
 
 def test_card_usage_snippet_runs_against_the_hub(local_hub, tiny_model):

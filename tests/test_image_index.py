@@ -130,7 +130,7 @@ def test_a_model_with_other_codebooks_is_refused(saved_model, tmp_path):
     index = ImageIndex.load(path)
     with pytest.raises(ValueError, match=r"index\.safetensors was built with other codebooks than the model"):
         index.load_model(other)
-    assert torch.equal(index.load_model(saved_model).codebooks(), model.codebooks())
+    assert torch.equal(index.load_model(saved_model).normalized_codebooks(), model.normalized_codebooks())
 
 
 def test_missing_files_and_a_missing_sidecar_are_named(saved_model, tmp_path):

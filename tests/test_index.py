@@ -97,7 +97,7 @@ def tiny_model(preset: str | None = None) -> MeCoQModel:
 
 
 def test_a_default_index_scores_as_the_models_config():
-    """`CodeIndex(model.codebooks())` follows `MeCoQConfig`'s defaults (the paper's unit query sub-vectors),
+    """`CodeIndex(model.normalized_codebooks())` follows `MeCoQConfig`'s defaults (the paper's unit query sub-vectors),
     as `evaluate_model` does; `CodeIndex.from_model` follows the model's own config (raw queries for an
     "official" model)."""
     queries, database = torch.randn(5, 16), torch.randn(200, 16)
@@ -111,7 +111,7 @@ def test_a_default_index_scores_as_the_models_config():
         torch.testing.assert_close(from_model.search(queries, 10).scores, expected[0])
         assert from_model.settings == SearchSettings.from_config(model.config)
     model = tiny_model()
-    index = CodeIndex(model.codebooks())  # no settings: the config's defaults
+    index = CodeIndex(model.normalized_codebooks())  # no settings: the config's defaults
     index.add(model.quantizer.encode(database))
     expected = reference_search(unit_queries @ model.decode(index.codes).T, torch.arange(200), 10)
     torch.testing.assert_close(index.search(queries, 10).scores, expected[0])

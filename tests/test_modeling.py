@@ -155,7 +155,7 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path):
     assert not reloaded.training
     assert torch.equal(reloaded.embed(images), model.embed(images))
     assert torch.equal(reloaded.encode(images), model.encode(images))
-    assert torch.equal(load_codebooks(tmp_path / "codebooks.safetensors"), model.codebooks())
+    assert torch.equal(load_codebooks(tmp_path / "codebooks.safetensors"), model.normalized_codebooks())
     assert reloaded.memory.num_filled == 0  # training state is not released
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as file:
         assert not [key for key in file.keys() if key.startswith("memory.")]
@@ -474,3 +474,11 @@ def test_update_memory_keeps_a_fifo_when_blocks_exceed_the_memory():
     model.update_memory(soft_codes(10, 11, 12, 13, 14), soft_codes(20, 21, 22, 23, 24), advance=5)
     model.update_memory(soft_codes(30), advance=5)
     assert sorted(float(v) for v in model.memory.soft_codes()[:, 0, 0]) == [23.0, 24.0, 30.0]
+
+
+def test_codebooks_is_the_deprecated_name_of_normalized_codebooks():
+    model = tiny_model()
+    with pytest.warns(FutureWarning, match="renamed normalized_codebooks"):
+        old = model.codebooks()
+    assert torch.equal(old, model.normalized_codebooks())
+    assert torch.allclose(old.norm(dim=-1), torch.ones(old.shape[:2]), atol=1e-6)

@@ -216,8 +216,8 @@ def test_kmeans_initialisation_fits_projected_fashion_mnist_better_than_random()
         used = min(len(best.indices[:, m].unique()) for m in range(2))
         return best.values.mean().item(), used
 
-    random_fit, random_used = fit(model.codebooks().detach())
+    random_fit, random_used = fit(model.normalized_codebooks().detach())
     model.quantizer.init_codebooks_from_embeddings_(embeddings, seed=0)
-    kmeans_fit, kmeans_used = fit(model.codebooks().detach())
+    kmeans_fit, kmeans_used = fit(model.normalized_codebooks().detach())
     assert kmeans_used == 16 and kmeans_used > random_used
     assert kmeans_fit > random_fit + 0.05

@@ -74,7 +74,9 @@ def test_push_lists_and_uploads_only_the_model_files(run_folder, local_hub, caps
                        "run_record.json", "training_args.json", ".saving-"):  # fmt: skip
         assert not any(name.startswith(left_local) for name in uploaded), left_local
     loaded = MeCoQModel.from_pretrained(repo_id)
-    assert torch.equal(loaded.codebooks(), MeCoQModel.from_pretrained(run_folder).codebooks())
+    assert torch.equal(
+        loaded.normalized_codebooks(), MeCoQModel.from_pretrained(run_folder).normalized_codebooks()
+    )
 
 
 def test_push_dry_run_and_a_bad_include(run_folder, capsys):
@@ -98,6 +100,6 @@ def test_a_killed_save_is_ignored_on_load_and_cleaned_on_the_next_save(tmp_path)
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half a file")
     reloaded = MeCoQModel.from_pretrained(tmp_path)  # the staging folders are not looked at
-    assert torch.equal(reloaded.codebooks(), model.codebooks())
+    assert torch.equal(reloaded.normalized_codebooks(), model.normalized_codebooks())
     model.save_pretrained(tmp_path)
     assert sorted(path.name for path in tmp_path.glob(".saving-*")) == [live.name]

@@ -218,7 +218,7 @@ def open_search(
     index_path = Path(index).expanduser()
     image_index = ImageIndex.load(index_path, backend=backend)  # FileNotFoundError / IndexFormatError
     loaded = load_model(model)
-    check_codebooks_match(image_index.index, loaded.codebooks(), index_path, model)
+    check_codebooks_match(image_index.index, loaded.normalized_codebooks(), index_path, model)
     dataset, image_problem = _load_images(image_index.sidecar, images, index_path)
     engine = SearchEngine(loaded, str(model), image_index, dataset, image_problem)
     missing = engine.ids_without_image()

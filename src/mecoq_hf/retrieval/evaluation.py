@@ -48,7 +48,7 @@ class CodeScores:
     Args:
         query_embeddings: (Q, d) continuous query embeddings (`model.embed`).
         db_codes: (N, M) hard database codes (`model.encode`).
-        codebooks: (M, K, D) codebooks the codes refer to (`model.codebooks()`).
+        codebooks: (M, K, D) codebooks the codes refer to (`model.normalized_codebooks()`).
         settings: the scoring (`SearchSettings`); None: `SearchSettings()`, `MeCoQConfig`'s defaults. For a
             model, `SearchSettings.from_config(model.config)`.
         block_size: database items scored at once by `stable_topk` (memory O(queries x block_size)).
@@ -287,7 +287,7 @@ def _model_scores(
         database_codes = quantize_embeddings(model, embed_features(model, database_features))  # (N, M)
     finally:
         model.train(was_training)
-    return CodeScores(query_embeddings, database_codes, model.codebooks().detach().cpu(), settings)
+    return CodeScores(query_embeddings, database_codes, model.normalized_codebooks().detach().cpu(), settings)
 
 
 def evaluate_model(

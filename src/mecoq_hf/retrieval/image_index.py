@@ -139,7 +139,7 @@ class ImageIndex:
 
         source = self.model_source(override)
         model = load_model(source)
-        self.index.check_codebooks_match(model.codebooks(), source, str(self.path or "The index"))
+        self.index.check_codebooks_match(model.normalized_codebooks(), source, str(self.path or "The index"))
         return model
 
     # search

@@ -69,7 +69,7 @@ class CodeIndex:
     """Product-quantization codes with user ids, searched through a registered backend.
 
     Args:
-        codebooks: (M, K, D) codewords the codes refer to, normally `model.codebooks()`; a float32 CPU copy
+        codebooks: (M, K, D) codewords the codes refer to, normally `model.normalized_codebooks()`; a float32 CPU copy
             is kept as `codewords`.
         settings: how queries are scored (`SearchSettings`); None: `SearchSettings()`, `MeCoQConfig`'s
             defaults. `CodeIndex.from_model` takes them from the model's config.
@@ -132,7 +132,7 @@ class CodeIndex:
         """An empty index for a model's codes: its codebooks, and the scoring of its config (`distance`
         overrides the config's)."""
         settings = SearchSettings.from_config(model.config, distance=distance)
-        return cls(model.codebooks(), settings=settings, backend=backend, **backend_options)
+        return cls(model.normalized_codebooks(), settings=settings, backend=backend, **backend_options)
 
     @property
     def codewords(self) -> torch.Tensor:
@@ -273,7 +273,7 @@ class CodeIndex:
     def check_codebooks_match(
         self, codebooks: torch.Tensor, source: str, index_name: str = "The index"
     ) -> None:
-        """Raise a ValueError unless `codebooks` (`model.codebooks()` of the model at `source`) are the ones
+        """Raise a ValueError unless `codebooks` (`model.normalized_codebooks()` of the model at `source`) are the ones
         the codes were made with (same shape, equal within 1e-5): another model's queries score nonsense."""
         codebooks = codebooks.detach().to("cpu", torch.float32)
         same_shape = codebooks.shape == self._codewords.shape

@@ -144,10 +144,10 @@ def build_index(
     settings = SearchSettings.from_config(model.config, distance=distance)
     if backend == "ivf":
         CodeIndex(
-            model.codebooks(), settings=settings, backend="ivf"
+            model.normalized_codebooks(), settings=settings, backend="ivf"
         )  # K = 256, asymmetric, or a clear error
     plan = BuildPlan(
-        model=str(model_source), codebooks_sha256=codebooks_sha256(model.codebooks()), data=dict(data),
+        model=str(model_source), codebooks_sha256=codebooks_sha256(model.normalized_codebooks()), data=dict(data),
         num_items=len(images), shard_size=shard_size, distance=settings.distance,
         normalize_query_subvectors=settings.normalize_query_subvectors,
     )  # fmt: skip
@@ -267,7 +267,7 @@ def _encode_missing_shards(
         subset = images.select(range(start, stop))
         encoded = encode_images(model, subset, None, method="encode", batch_size=batch_size,
                                 num_workers=num_workers, show_progress_bar=show_progress_bar)  # fmt: skip
-        index = CodeIndex(model.codebooks(), settings=settings)
+        index = CodeIndex(model.normalized_codebooks(), settings=settings)
         index.add(encoded.outputs, ids=encoded.ids)
         sidecar = IndexSidecar.describe(
             model=plan.model, data=plan.data, ids=index.ids.tolist(),
@@ -300,7 +300,7 @@ def _merge(
     folder = parts_folder(output)
     shards = [_read_shard(folder, shard, plan) for shard in tqdm(range(plan.num_shards), desc="check shards",
                                                                   disable=not show_progress_bar)]  # fmt: skip
-    codewords = model.codebooks().detach().to("cpu", torch.float32)
+    codewords = model.normalized_codebooks().detach().to("cpu", torch.float32)
     plans, metadata = _merged_plans(shards, codewords, settings, plan, show_progress_bar)
     if backend == "ivf":
         nlist = nlist if nlist is not None else ivf.default_nlist(plan.num_items)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -193,9 +194,19 @@ class MeCoQModel(MeCoQPreTrainedModel):
         """(B, M) hard codes -> (B, d) concatenated unit-norm codewords."""
         return self.quantizer.decode(codes)
 
-    def codebooks(self) -> torch.Tensor:
-        """(M, K, D) the L2-normalised codebooks, as used for encoding and search."""
+    def normalized_codebooks(self) -> torch.Tensor:
+        """(M, K, D) the L2-normalised codebooks, as used for encoding and search (and as
+        `codebooks.safetensors` stores them); `quantizer.codebooks` is the raw trainable parameter."""
         return self.quantizer.normalized_codebooks()
+
+    def codebooks(self) -> torch.Tensor:
+        """Deprecated name of `normalized_codebooks()` (kept for code written against 0.1.0)."""
+        warnings.warn(
+            "MeCoQModel.codebooks() is renamed normalized_codebooks(); the old name will be removed.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.normalized_codebooks()
 
     @torch.no_grad()
     def renormalize_codebooks_(self) -> None:
