@@ -70,9 +70,14 @@ def training_function(config, args):
     }  # fmt: skip
     queries, database = encoded["query"], encoded["database"]
     test_map = evaluate_codes(
-        queries.outputs, database.outputs, model.normalized_codebooks().cpu(), queries.labels, database.labels,
-        top_k=TOP_K, settings=SearchSettings.from_config(model.config),
-    )  # fmt: skip
+        queries.outputs,
+        database.outputs,
+        model.normalized_codebooks().cpu(),
+        queries.labels,
+        database.labels,
+        top_k=TOP_K,
+        settings=SearchSettings.from_config(model.config),
+    )
     accelerator.print(
         f"test mAP@{TOP_K} ({model_config.bits} bits): {test_map:.4f}; model folder: {args.output_dir}"
     )

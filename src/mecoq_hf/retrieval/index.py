@@ -69,8 +69,8 @@ class CodeIndex:
     """Product-quantization codes with user ids, searched through a registered backend.
 
     Args:
-        codebooks: (M, K, D) codewords the codes refer to, normally `model.normalized_codebooks()`; a float32 CPU copy
-            is kept as `codewords`.
+        codebooks: (M, K, D) codewords the codes refer to, normally `model.normalized_codebooks()`; a
+            float32 CPU copy is kept as `codewords`.
         settings: how queries are scored (`SearchSettings`); None: `SearchSettings()`, `MeCoQConfig`'s
             defaults. `CodeIndex.from_model` takes them from the model's config.
         backend: default search backend, a key of `backends.BACKENDS`: "native" (exact torch scan, the
@@ -273,8 +273,8 @@ class CodeIndex:
     def check_codebooks_match(
         self, codebooks: torch.Tensor, source: str, index_name: str = "The index"
     ) -> None:
-        """Raise a ValueError unless `codebooks` (`model.normalized_codebooks()` of the model at `source`) are the ones
-        the codes were made with (same shape, equal within 1e-5): another model's queries score nonsense."""
+        """Raise a ValueError unless `codebooks` (`model.normalized_codebooks()` of the model at `source`) are
+        the ones the codes were made with (same shape, equal within 1e-5): another model's queries score nonsense."""
         codebooks = codebooks.detach().to("cpu", torch.float32)
         same_shape = codebooks.shape == self._codewords.shape
         if not same_shape or not torch.allclose(codebooks, self._codewords, atol=1e-5):

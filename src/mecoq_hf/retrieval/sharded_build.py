@@ -147,7 +147,9 @@ def build_index(
             model.normalized_codebooks(), settings=settings, backend="ivf"
         )  # K = 256, asymmetric, or a clear error
     plan = BuildPlan(
-        model=str(model_source), codebooks_sha256=codebooks_sha256(model.normalized_codebooks()), data=dict(data),
+        model=str(model_source),
+        codebooks_sha256=codebooks_sha256(model.normalized_codebooks()),
+        data=dict(data),
         num_items=len(images), shard_size=shard_size, distance=settings.distance,
         normalize_query_subvectors=settings.normalize_query_subvectors,
     )  # fmt: skip

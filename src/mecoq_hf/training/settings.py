@@ -256,6 +256,8 @@ def _share_bad_image_policy(sections: dict[str, dict[str, Any]]) -> None:
         )
     if given:
         sections["training"]["on_bad_image"] = sections["data"]["on_bad_image"] = given.pop()
+
+
 _ALWAYS_SHOWN = ("learning_rate", "batch_size", "num_epochs", "weight_decay", "top_k", "cached_views")
 
 
