@@ -98,8 +98,8 @@ def tiny_model(preset: str | None = None) -> MeCoQModel:
 
 def test_a_default_index_scores_as_the_models_config():
     """`CodeIndex(model.normalized_codebooks())` follows `MeCoQConfig`'s defaults (the paper's unit query
-    sub-vectors), as `evaluate_model` does; `CodeIndex.from_model` follows the model's own config (raw queries for an
-    "official" model)."""
+    sub-vectors), as `evaluate_model` does; `CodeIndex.from_model` follows the model's own config (raw queries
+    for an "official" model)."""
     queries, database = torch.randn(5, 16), torch.randn(200, 16)
     unit_queries = F.normalize(queries.reshape(5, 2, 8), dim=-1).reshape(5, 16)
     for preset, scored in ((None, unit_queries), ("official", queries)):

@@ -274,7 +274,8 @@ class CodeIndex:
         self, codebooks: torch.Tensor, source: str, index_name: str = "The index"
     ) -> None:
         """Raise a ValueError unless `codebooks` (`model.normalized_codebooks()` of the model at `source`) are
-        the ones the codes were made with (same shape, equal within 1e-5): another model's queries score nonsense."""
+        the ones the codes were made with (same shape, equal within 1e-5): another model's queries score
+        nonsense."""
         codebooks = codebooks.detach().to("cpu", torch.float32)
         same_shape = codebooks.shape == self._codewords.shape
         if not same_shape or not torch.allclose(codebooks, self._codewords, atol=1e-5):
