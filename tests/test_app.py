@@ -30,34 +30,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import tiny_run_config
 
 from mecoq_hf import MeCoQModel, cli
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.retrieval.index import CodeIndex
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = """\
-model:
-  backbone: test_efficientnet
-  backbone_weights: null
-  image_size: 32
-  embedding_dim: 16
-  num_codebooks: 2
-  codebook_size: 256
-training:
-  num_epochs: 1
-  batch_size: 32
-  learning_rate: 5e-2
-  report_to: []
-  top_k: 100
-data:
-  source: fashion-mnist
-  limit: 400
-  num_query: 20
-  num_validation: 20
-  num_train: 64
-  seed: 0
-"""
+TINY_CONFIG = tiny_run_config()
 INDEXED = 200  # the first 200 Fashion-MNIST test images
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Without these Chromium reaches for the network (component updates, sync, field trials) at start.

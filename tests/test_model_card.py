@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from tiny_runs import tiny_run_config
 
 from mecoq_hf import MeCoQConfig, cli
 from mecoq_hf.model_card import MeCoQModelCardData, build_model_card
@@ -237,29 +238,7 @@ def test_card_puts_each_baseline_next_to_the_model_and_keeps_it_out_of_the_model
 
 # the card of a real run, through the command line
 
-RUN_CONFIG = """\
-model:
-  backbone: test_efficientnet
-  backbone_weights: null
-  image_size: 32
-  embedding_dim: 16
-  num_codebooks: 2
-  codebook_size: 256
-training:
-  num_epochs: 1
-  batch_size: 32
-  learning_rate: 0.05
-  report_to: []
-  top_k: 100
-data:
-  source: fashion-mnist
-  split: test
-  limit: 400
-  num_query: 20
-  num_validation: 20
-  num_train: 64
-  seed: 0
-"""
+RUN_CONFIG = tiny_run_config(split="test")
 
 
 @pytest.fixture(scope="module")

@@ -482,3 +482,12 @@ def test_codebooks_is_the_deprecated_name_of_normalized_codebooks():
         old = model.codebooks()
     assert torch.equal(old, model.normalized_codebooks())
     assert torch.allclose(old.norm(dim=-1), torch.ones(old.shape[:2]), atol=1e-6)
+
+
+def test_save_and_load_use_no_deprecated_name(tmp_path):
+    """The package's own save path must not trip the FutureWarning it gives users of `codebooks()`."""
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.save_pretrained(tmp_path)
+        MeCoQModel.from_pretrained(tmp_path)

@@ -14,35 +14,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_run_config
 
 from mecoq_hf import cli
 from mecoq_hf.progress import format_duration, phase, show_mode
 
-TRAIN_CONFIG = """\
-model:
-  backbone: test_efficientnet
-  backbone_weights: null
-  image_size: 32
-  embedding_dim: 16
-  num_codebooks: 2
-  codebook_size: 256
-training:
-  num_epochs: 2
-  batch_size: 32
-  learning_rate: 0.05
-  report_to: []
-  top_k: 100
-  cached_views: 3
-  checkpoint_every_steps: 1
-data:
-  source: fashion-mnist
-  split: test
-  limit: 400
-  num_query: 20
-  num_validation: 20
-  num_train: 64
-  seed: 0
-"""
+TRAIN_CONFIG = tiny_run_config(
+    training={"num_epochs": 2, "cached_views": 3, "checkpoint_every_steps": 1}, split="test"
+)
 TRANSFORMERS_BARS = ("Writing model shards", "Loading weights")
 BAR = re.compile(r"\d+%\|")  # tqdm's "100%|█████|"
 

@@ -13,31 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_run_config
 
 from mecoq_hf import MeCoQConfig, MeCoQModel, cli
 from mecoq_hf.training import RunFolder
 
-TINY_CONFIG = """\
-model:
-  backbone: test_efficientnet
-  backbone_weights: null
-  image_size: 32
-  embedding_dim: 16
-  num_codebooks: 2
-  codebook_size: 256
-training:
-  num_epochs: 1
-  batch_size: 32
-  report_to: []
-  log_every_steps: 1
-data:
-  source: fashion-mnist
-  limit: 200
-  num_query: 20
-  num_validation: 0
-  num_train: 64
-  seed: 0
-"""
+TINY_CONFIG = tiny_run_config(
+    training={"learning_rate": None, "top_k": None, "log_every_steps": 1}, limit=200, num_validation=0
+)
 
 
 @pytest.fixture

@@ -375,7 +375,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
         try:
             with _without_transformers_bars():  # "Writing model shards" at every checkpoint says nothing
                 super().save_pretrained(staging, *args, is_main_process=True, **kwargs)
-            save_codebooks(os.path.join(staging, CODEBOOKS_FILE), self.codebooks())
+            save_codebooks(os.path.join(staging, CODEBOOKS_FILE), self.normalized_codebooks())
             self.image_processor().save_pretrained(staging)
             for name in sorted(os.listdir(staging)):
                 if name.endswith(".safetensors") and name != CODEBOOKS_FILE:
