@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import threading
@@ -46,6 +45,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from mecoq_hf import file_io
 from mecoq_hf.retrieval.evaluation import evaluate_codes
 from mecoq_hf.retrieval.index import CodeIndex
 from mecoq_hf.retrieval.metrics import mean_average_precision
@@ -414,6 +414,10 @@ def rss_peak_during(function, repeats: int = 1) -> tuple[float, object, float]:
     return seconds, result, before + growth
 
 
+def scale_nprobes(args: argparse.Namespace) -> list[int]:
+    return [int(p) for p in args.scale_nprobes.split(",")] if args.scale_nprobes else list(SCALE_NPROBES)
+
+
 def bench_index_scale(num_codes: int, num_codebooks: int, args: argparse.Namespace) -> list[dict]:
     """The rows of one database: native and faiss exhaustive, then IVF (default nlist) at every nprobe."""
     from mecoq_hf.retrieval.backends import FaissIVF
@@ -456,11 +460,11 @@ def bench_index_scale(num_codes: int, num_codebooks: int, args: argparse.Namespa
     )
     del index._backends["faiss"]
     release_free_memory()
-    nlist = default_nlist(num_codes)
+    nlist = args.scale_nlist or default_nlist(num_codes)
     before = psutil.Process().memory_info().rss / 2**20
     build_s, searcher, build_peak = rss_peak_during(lambda: FaissIVF(index, nlist=nlist))
     index._backends["ivf"] = searcher
-    for nprobe in [p for p in SCALE_NPROBES if p <= nlist]:
+    for nprobe in [p for p in scale_nprobes(args) if p <= nlist]:
         searcher.set_nprobe(nprobe)
         ivf_base = {
             **base,
@@ -627,7 +631,7 @@ def main_scale(args: argparse.Namespace) -> None:
     }
     sizes = [int(float(size)) for size in args.scale_sizes.split(",")]
     for num_codes in sizes:
-        for num_codebooks in (4, 8):
+        for num_codebooks in [int(m) for m in args.scale_codebooks.split(",")]:
             results["results"] += bench_index_scale(num_codes, num_codebooks, args)
             print(scale_markdown(results), flush=True)
             release_free_memory()
@@ -637,8 +641,9 @@ def main_scale(args: argparse.Namespace) -> None:
     results["machine"]["load_average_at_end"] = os.getloadavg()
     output = args.scale_output
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    output.with_suffix(".md").write_text(scale_markdown(results))
+    file_io.write_json(output, results)
+    table = scale_markdown(results)
+    file_io.write_text(output.with_suffix(".md"), table)
     print(scale_markdown(results))
 
 
@@ -662,6 +667,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "index.json")
     parser.add_argument("--scale", action="store_true", help="run part 5 (index scale) only")
     parser.add_argument("--scale-sizes", default="1e6,1e7", help="database sizes of part 5")
+    parser.add_argument("--scale-codebooks", default="4,8", help="part 5: the M values (codebooks)")
+    parser.add_argument("--scale-nprobes", default="", help="part 5: nprobe values (default 1, 2, ..., 256)")
+    parser.add_argument("--scale-nlist", type=int, default=None, help="part 5: nlist (default sqrt(N))")
     parser.add_argument("--scale-output", type=Path, default=RESULTS / "index_scale.json")
     parser.add_argument(
         "--fmnist-model", type=Path, help="part 5: a model folder (mecoq train) for Fashion-MNIST"
@@ -697,8 +705,8 @@ def main() -> None:
     results["machine"]["load_average_at_end"] = os.getloadavg()
     table = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(table)
+    file_io.write_json(args.output, results)
+    file_io.write_text(args.output.with_suffix(".md"), table)
     print(table)
 
 

@@ -819,7 +819,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, output)
     table = markdown(report)
-    file_io.write_atomic(output.with_suffix(".md"), lambda name: Path(name).write_text(table))
+    file_io.write_text(output.with_suffix(".md"), table)
     if not args.quick:
         plot_figures(report, output.parent)
     print(table)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from mecoq_hf import file_io
 from mecoq_hf.data.sources import load_fashion_mnist
 from mecoq_hf.data.transforms import TwoViewTransform, build_eval_transform, build_train_transform
 from mecoq_hf.models.mecoq.configuration_mecoq import MeCoQConfig
@@ -237,7 +238,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, args.output)
     table = markdown(report)
-    args.output.with_suffix(".md").write_text(table)
+    file_io.write_text(args.output.with_suffix(".md"), table)
     print(table)
 
 

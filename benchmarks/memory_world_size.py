@@ -151,7 +151,7 @@ def main() -> None:
             described = f"Protocol.quick() data, paper, 32 bits, global batch {GLOBAL_BATCH}, {EPOCHS} epochs"
             bench.write_json({"protocol": described, "runs": runs, "summary": summary(runs)}, OUTPUT)
     table = markdown(summary(runs))
-    bench.file_io.write_atomic(OUTPUT.with_suffix(".md"), lambda name: Path(name).write_text(table))
+    bench.file_io.write_text(OUTPUT.with_suffix(".md"), table)
     print(table)
 
 

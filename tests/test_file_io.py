@@ -58,7 +58,9 @@ def test_write_atomic_replaces_the_file_with_a_mode_from_the_umask(tmp_path, uma
         assert file_access.current_umask() == umask
         file_io.write_json(target, {"a": 1})
         file_io.write_atomic(target, lambda name: Path(name).write_text("second"))
-    assert target.read_text() == "second" and os.listdir(target.parent) == ["data.txt"]
+        assert target.read_text() == "second"
+        file_io.write_text(target, "third, naïve")
+    assert target.read_text(encoding="utf-8") == "third, naïve" and os.listdir(target.parent) == ["data.txt"]
     assert modes_not_following(umask, tmp_path) == {}
 
 

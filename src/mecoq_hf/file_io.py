@@ -22,10 +22,14 @@ from typing import Any
 from .models.mecoq.file_access import apply_umask, check_readable, current_umask, file_mode, write_atomic
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` with `write_atomic`."""
+    return write_atomic(path, lambda name: Path(name).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: str | os.PathLike, payload: Any, *, indent: int | None = 2) -> Path:
     """Write `payload` as JSON (plus a final newline) with `write_atomic`; `indent=None` for one line."""
-    text = json.dumps(payload, indent=indent) + "\n"
-    return write_atomic(path, lambda name: Path(name).write_text(text))
+    return write_text(path, json.dumps(payload, indent=indent) + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
@@ -52,4 +56,5 @@ __all__ = [
     "read_json",
     "write_atomic",
     "write_json",
+    "write_text",
 ]

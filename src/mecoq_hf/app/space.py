@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub import SpaceCard, SpaceCardData
 
 from .. import __version__
-from ..file_io import write_atomic
+from ..file_io import write_atomic, write_text
 from ..hub import push_folder_to_hub
 from .search import (
     SPACE_IMAGES_FOLDER,
@@ -124,11 +124,11 @@ def write_space(
     written += write_index_copy(index, folder, model=model_repo, data=data)
     app = APP_TEMPLATE.format(model=model_repo, index=index.name, images=images_code, title=title,
                               version=__version__)  # fmt: skip
-    written.append(write_atomic(folder / APP_FILE, lambda name: Path(name).write_text(app)))
+    written.append(write_text(folder / APP_FILE, app))
     card = _space_card(model_repo, index.name, title, bits, describe_index_file(index).split(",")[0])
     written.append(write_atomic(folder / "README.md", lambda name: card.save(name)))
     requirements = f"mecoq-hf=={__version__}\n"
-    written.append(write_atomic(folder / "requirements.txt", lambda tmp: Path(tmp).write_text(requirements)))
+    written.append(write_text(folder / "requirements.txt", requirements))
     return written
 
 
