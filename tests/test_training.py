@@ -25,6 +25,7 @@ from mecoq_hf.feature_cache import compute_view_features
 from mecoq_hf.retrieval.evaluation import evaluate_model
 from mecoq_hf.training import RunFolder, TrainingArguments, train, train_on_splits
 from mecoq_hf.training.checkpoints import list_checkpoints
+from mecoq_hf.training.optimization import learning_rate_factor
 
 TINY = dict(
     backbone="test_efficientnet",
@@ -108,6 +109,22 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, fashion_images
     ]
     assert learning_rates[0] == learning_rates[1] and len(learning_rates[0]) == 12
 
+
+
+def test_the_log_shows_the_learning_rate_each_step_trained_with(tmp_path, fashion_images):
+    """Step s of 12 (6 per epoch, 1 warm-up epoch) trains at learning_rate_factor(s - 1) x the peak; the log
+    must show that rate, not the next step's (the scheduler has already stepped when the step is logged)."""
+    warnings.simplefilter("ignore")
+    args = tiny_args(tmp_path, num_epochs=2, warmup_epochs=1.0, warmup_start_lr=0.01)
+    train(MeCoQConfig(**TINY), args, fashion_images)
+    logged = {r["step"]: r["lr"] for r in RunFolder(tmp_path).read_log() if r["event"] == "step"}
+    expected = {
+        step: args.learning_rate
+        * learning_rate_factor(step - 1, 12, 6, args.learning_rate, args.warmup_start_lr, args.final_lr)
+        for step in range(1, 13)
+    }
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert logged[1] == pytest.approx(0.01)
 
 def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, fashion_images):
     warnings.simplefilter("ignore")
@@ -219,7 +236,8 @@ def test_codewords_stay_unit_norm_and_each_group_gets_its_learning_rate_scale(tm
     for record in steps:
         assert record["lr_backbone"] == pytest.approx(0.1 * record["lr"], rel=1e-12)
         assert record["lr_codebooks"] == pytest.approx(3.0 * record["lr"], rel=1e-12)
-    assert steps[-1]["lr"] < steps[6]["lr"] < 0.05  # the schedule applies to every group
+    # the schedule applies to every group: step 7 (the first after the warm-up epoch) trains at the peak
+    assert steps[-1]["lr"] < steps[7]["lr"] < steps[6]["lr"] == pytest.approx(0.05, rel=1e-12)
 
 
 def _fresh_model(config: MeCoQConfig, seed: int = 0) -> MeCoQModel:

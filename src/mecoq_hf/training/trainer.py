@@ -199,6 +199,7 @@ class _TrainingLoop:
             if not torch.isfinite(output.loss):
                 self._stop_on_non_finite_loss(output.loss.item(), epoch)
             accelerator.backward(output.loss)
+            self.step_rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
             self.optimizer.step()
             if accelerator.sync_gradients:
                 self.scheduler.step()
@@ -270,7 +271,7 @@ class _TrainingLoop:
         return not self.reached_max_steps
 
     def _log_step(self, output: Any, epoch: int, images_per_second: float) -> None:
-        rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        rates = self.step_rates  # those the step trained with (the scheduler has stepped since)
         lr = rates["head"]
         values = {
             "loss": output.loss.item(),
