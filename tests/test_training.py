@@ -110,7 +110,6 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, fashion_images
     assert learning_rates[0] == learning_rates[1] and len(learning_rates[0]) == 12
 
 
-
 def test_the_log_shows_the_learning_rate_each_step_trained_with(tmp_path, fashion_images):
     """Step s of 12 (6 per epoch, 1 warm-up epoch) trains at learning_rate_factor(s - 1) x the peak; the log
     must show that rate, not the next step's (the scheduler has already stepped when the step is logged)."""
@@ -125,6 +124,7 @@ def test_the_log_shows_the_learning_rate_each_step_trained_with(tmp_path, fashio
     }
     assert logged == pytest.approx(expected, rel=1e-12)
     assert logged[1] == pytest.approx(0.01)
+
 
 def test_validation_selects_the_best_epoch_and_writes_a_model_folder(tmp_path, fashion_images):
     warnings.simplefilter("ignore")
