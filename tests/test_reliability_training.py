@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import tiny_run_config
+from lock_holder import lock_held_elsewhere
+from tiny_runs import TINY_RUN, tiny_run_config
 
 from mecoq_hf import MeCoQConfig, MeCoQModel, cli
-from mecoq_hf.training import RunFolder
+from mecoq_hf.data.sources import load_fashion_mnist
+from mecoq_hf.training import RunFolder, TrainingArguments, TrainingRunLocked, train
 
 TINY_CONFIG = tiny_run_config(
     training={"learning_rate": None, "top_k": None, "log_every_steps": 1}, limit=200, num_validation=0
@@ -79,6 +81,25 @@ def test_weights_that_blow_up_stop_the_run_before_any_save(scratch, capsys):
     records = strict_json_lines(scratch / "run" / "log.jsonl")
     assert records[-1]["event"] == "error" and records[-1]["step"] == 3
     assert "became NaN or infinite" in records[-1]["message"]
+
+
+def test_a_second_run_into_a_folder_being_trained_is_refused_and_changes_nothing(scratch, capsys):
+    """Two runs into one output folder would interleave checkpoints, splits.json and the model files."""
+    folder = scratch / "run"
+    folder.mkdir()
+    (folder / "splits.json").write_text('{"first": "run"}')
+    with lock_held_elsewhere(folder / ".mecoq-train.lock") as pid:
+        status, out, err = run_cli(TRAIN, capsys)
+        assert status == 2 and "Traceback" not in err
+        assert f"Another training run (pid {pid}) is writing run: wait for it to finish" in err
+        assert "--output-dir" in err
+        args = TrainingArguments(output_dir=str(folder), num_epochs=1, report_to=[], progress_bar=False)
+        with pytest.raises(TrainingRunLocked, match=f"pid {pid}"):  # the library path too
+            train(MeCoQConfig(**TINY_RUN["model"]), args, load_fashion_mnist("train", limit=16))
+    assert sorted(p.name for p in folder.iterdir()) == ["splits.json"]  # lock file gone with its holder
+    assert (folder / "splits.json").read_text() == '{"first": "run"}'
+    status, out, _ = run_cli(TRAIN, capsys)  # free again
+    assert status == 0 and "Trained model saved" in out and not (folder / ".mecoq-train.lock").exists()
 
 
 def test_a_non_finite_loss_names_its_step_and_cause(scratch, capsys):

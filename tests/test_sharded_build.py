@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lock_holder import lock_held_elsewhere
 
 from mecoq_hf import MeCoQConfig, MeCoQModel, cli
 from mecoq_hf.data.sources import DataSource
 from mecoq_hf.hub import load_model
-from mecoq_hf.retrieval.build_lock import BuildLock, lock_path
+from mecoq_hf.retrieval.build_lock import lock_path
 from mecoq_hf.retrieval.image_index import ImageIndex
 from mecoq_hf.retrieval.index import CodeIndex
 from mecoq_hf.retrieval.sharded_build import parts_folder
@@ -127,11 +128,11 @@ def test_two_accelerate_processes_encode_disjoint_shards(saved_model, reference,
 
 def test_a_second_writer_is_refused_while_a_build_holds_the_lock(saved_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with BuildLock(tmp_path / "fmnist.safetensors"):
+    with lock_held_elsewhere(lock_path(tmp_path / "fmnist.safetensors")) as pid:
         status = cli.main(build_command(saved_model, "fmnist.safetensors", limit=20))
         err = capsys.readouterr().err
         assert status == 2
-        assert f"Another `mecoq index build` (pid {os.getpid()}) is writing fmnist.safetensors" in err
+        assert f"Another `mecoq index build` (pid {pid}) is writing fmnist.safetensors" in err
         assert "write to another --output" in err
     assert not lock_path(tmp_path / "fmnist.safetensors").exists()  # released and removed
     assert cli.main(build_command(saved_model, "fmnist.safetensors", limit=20)) == 0

@@ -135,11 +135,26 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..training import RunFolder, build_accelerator, describe_run_settings, train_on_splits
+    from ..training import RunFolder, build_accelerator
 
     settings = settings_from_flags(args)
     accelerator = build_accelerator(settings.training)
     run = RunFolder(settings.training.output_dir)
+    with run.writer_lock(accelerator):  # one run per folder, from the split record to the saved model
+        result, training_args = _record_splits_and_train(args, settings, run, accelerator)
+    selected = (
+        f"best validation mAP@{training_args.top_k} {result.best_metric:.4f} at epoch {result.best_epoch}"
+        if result.best_metric is not None
+        else "no validation mAP was computed: the last model is kept"
+    )
+    _say(accelerator, f"Trained model saved to {run.path} ({selected}).\nNext: mecoq evaluate {run.path}")
+    return 0
+
+
+def _record_splits_and_train(args: argparse.Namespace, settings: Any, run: Any, accelerator: Any) -> tuple:
+    """(TrainingResult, TrainingArguments) of the run, after saying what it trains on and how."""
+    from ..training import describe_run_settings, train_on_splits
+
     splits = run.record_splits(settings.data, accelerator, resume=settings.training.resume)
     _report_skipped(accelerator, settings.data.skipped_images)  # also recorded in splits.json
     settings, note = _cpu_training_path(args, settings, len(splits["train"]))
@@ -153,14 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"Model: {config.backbone}, {config.bits} bits (M={config.num_codebooks} x K="
         f"{config.codebook_size}, d={config.embedding_dim}); {accelerator.num_processes} process(es).",
     )
-    result = train_on_splits(config, training_args, splits, accelerator=accelerator)
-    selected = (
-        f"best validation mAP@{training_args.top_k} {result.best_metric:.4f} at epoch {result.best_epoch}"
-        if result.best_metric is not None
-        else "no validation mAP was computed: the last model is kept"
-    )
-    _say(accelerator, f"Trained model saved to {run.path} ({selected}).\nNext: mecoq evaluate {run.path}")
-    return 0
+    return train_on_splits(config, training_args, splits, accelerator=accelerator), training_args
 
 
 def _train_parser(commands: Any) -> None:

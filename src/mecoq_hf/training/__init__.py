@@ -10,7 +10,7 @@
 
 from .arguments import TrainingArguments
 from .run_evaluation import evaluate_run
-from .run_folder import EvaluationReport, RunFolder
+from .run_folder import EvaluationReport, RunFolder, TrainingRunLocked
 from .settings import RunSettings, describe_run_settings, resolve_run_settings
 from .trainer import TrainingResult, build_accelerator, train, train_on_splits
 
@@ -20,6 +20,7 @@ __all__ = [
     "RunSettings",
     "TrainingArguments",
     "TrainingResult",
+    "TrainingRunLocked",
     "build_accelerator",
     "describe_run_settings",
     "evaluate_run",

@@ -12,6 +12,8 @@
 
 The model files themselves (`config.json`, `model.safetensors`, ...) are `save_pretrained`'s, and the
 checkpoints are `training.checkpoints`'. Writes are atomic (`file_io`); call them on the main process only.
+One run writes a folder at a time: `writer_lock()` (`.mecoq-train.lock`, held by `train` and by `mecoq train`
+from the split record to the saved model) refuses a second run into the same folder.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data.splits import SplitDefinition
 from ..file_io import read_json, write_json
+from ..writer_lock import WriterLock, WriterLocked
 from .arguments import TrainingArguments
 from .checkpoints import TrainerState, list_checkpoints
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
+LOCK_FILE = ".mecoq-train.lock"
 TRAINING_ARGS_FILE = "training_args.json"
 LOG_FILE = "log.jsonl"
 RUN_RECORD_FILE = "run_record.json"
@@ -111,6 +115,10 @@ class EvaluationReport:
         return cls(**{key: value for key, value in payload.items() if key in names and value is not None})
 
 
+class TrainingRunLocked(WriterLocked):
+    """Another process is training into the same output folder."""
+
+
 class RunFolder:
     """The records of one training run in `path` (see the module docstring for the files).
 
@@ -128,6 +136,22 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+    def writer_lock(self, accelerator: Accelerator | None = None) -> contextlib.AbstractContextManager:
+        """The folder's writer lock (a context manager; nests within one process), taken by the main process
+        only: the other ranks of a multi-process run write nothing here.
+
+        Raises:
+            TrainingRunLocked: on entering it, when another process is training into this folder.
+        """
+        busy = (
+            f"Another training run (pid {{pid}}) is writing {self.path}: wait for it to finish, or train "
+            "into another output folder (--output-dir). Two runs in one folder would mix their checkpoints "
+            "and model files."
+        )
+        if accelerator is not None and not accelerator.is_main_process:
+            return contextlib.nullcontext()
+        return WriterLock(self.path / LOCK_FILE, busy, TrainingRunLocked)
 
     # splits
 
@@ -385,4 +409,4 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-__all__ = ["EvaluationReport", "RunFolder"]
+__all__ = ["EvaluationReport", "RunFolder", "TrainingRunLocked"]

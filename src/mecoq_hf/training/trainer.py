@@ -93,19 +93,22 @@ def train(
 
     Raises:
         ValueError: an empty training set, only one of the validation splits, or settings that do not fit.
+        TrainingRunLocked: another process is training into `args.output_dir`.
         FloatingPointError: the loss became NaN or infinite.
     """
     if len(train_dataset) == 0:
         raise ValueError("The training dataset is empty: pass at least one image (check the split sizes).")
     if (validation_queries is None) != (validation_database is None):
         raise ValueError("Pass both validation_queries and validation_database, or neither.")
-    loop = _TrainingLoop(config, args, accelerator or build_accelerator(args))
-    loop.prepare(train_dataset, validation_queries, validation_database)
-    with loop.progress:
-        for epoch in range(loop.state.epoch, args.num_epochs):
-            if not loop.train_epoch(epoch) or loop.end_epoch(epoch):
-                break
-    return loop.finish(train_dataset)
+    accelerator = accelerator or build_accelerator(args)
+    with RunFolder(args.output_dir).writer_lock(accelerator):
+        loop = _TrainingLoop(config, args, accelerator)
+        loop.prepare(train_dataset, validation_queries, validation_database)
+        with loop.progress:
+            for epoch in range(loop.state.epoch, args.num_epochs):
+                if not loop.train_epoch(epoch) or loop.end_epoch(epoch):
+                    break
+        return loop.finish(train_dataset)
 
 
 def train_on_splits(
