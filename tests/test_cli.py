@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from mecoq_hf import MeCoQModel, cli
+from mecoq_hf import MeCoQConfig, MeCoQModel, cli
 from mecoq_hf.cli import build_parser
 from mecoq_hf.cli.train import settings_from_flags
 from mecoq_hf.data.loaders import make_eval_dataloader
@@ -32,6 +32,7 @@ from mecoq_hf.encoding import encode_dataset
 from mecoq_hf.retrieval.evaluation import evaluate_codes
 from mecoq_hf.retrieval.index import CodeIndex
 from mecoq_hf.retrieval.scoring import SearchSettings
+from mecoq_hf.training import TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -164,6 +165,22 @@ def test_flags_and_set_override_the_config_file_and_the_preset(config_file, tmp_
     config, training_args, _ = settings_from_flags(args)
     assert (config.num_codebooks, config.embedding_dim) == (2, 40)
     assert training_args.resume is True and training_args.progress_bar is False
+
+
+def test_train_defaults_to_the_last_backbone_group_at_the_heads_rate(config_file, tmp_path, capsys):
+    """The CLI's own defaults (chosen on the validation split, BENCHMARKS.md); Python keeps the config's."""
+    base = ["train", "--config", str(config_file), "--output-dir", str(tmp_path)]
+    config, training_args, _ = settings_from_flags(build_parser().parse_args(base))
+    assert (config.backbone_trainable, training_args.backbone_lr_scale) == (1, 1.0)
+    assert MeCoQConfig().backbone_trainable == "frozen" and TrainingArguments("x").backbone_lr_scale == 1e-3
+    for given, expected in (("frozen", "frozen"), ("all", "all"), ("2", 2)):
+        args = build_parser().parse_args([*base, "--backbone-trainable", given])
+        assert settings_from_flags(args).config.backbone_trainable == expected
+    args = build_parser().parse_args([*base, "--set", "model.backbone_trainable=frozen"])
+    assert settings_from_flags(args).config.backbone_trainable == "frozen"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--backbone-trainable", "0"])
+    assert "expected 'frozen', 'all' or a number of layer groups >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_a_reference_preset_resolves_to_its_runs_settings_and_they_are_shown(tmp_path):
