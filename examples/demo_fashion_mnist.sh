@@ -6,10 +6,11 @@
 #   bash examples/demo_fashion_mnist.sh [OUTPUT_DIR]      (default runs/fashion-mnist-demo)
 #
 # Data: the 10,000 Fashion-MNIST test images, split per class into 1,000 queries, 500 validation queries (model
-# selection) and an 8,500-image database, from which 3,000 unlabelled images are drawn for training. The
-# backbone is frozen, images are upsampled to 64 px, and 6 augmented views per training image are computed
-# once (`training.cached_views`), so each epoch trains only the head. Backbone features are kept in
-# OUTPUT_DIR/feature_cache, so the evaluation and the PQ baseline reuse those of the training run.
+# selection) and an 8,500-image database, from which 3,000 unlabelled images are drawn for training. Images
+# are upsampled to 64 px. The backbone's last layer group trains with the head (mecoq train's default,
+# --backbone-trainable 1); the frozen trunk before it runs once on 6 augmented views per training image
+# (`training.cached_views`), so each epoch trains only the tail and the head on those cached outputs. Features
+# are kept in OUTPUT_DIR/feature_cache; the PQ baseline runs on the pretrained (not fine-tuned) backbone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/fashion-mnist-demo}
@@ -23,7 +24,7 @@ echo "== 1/5 train (32 bits: 4 codebooks x 256 codewords)"
     --image-size 64 --bits 32 --epochs 10 --set training.cached_views=6 \
     --set training.feature_cache_dir="$OUT/feature_cache" --no-progress --output-dir "$OUT"
 
-echo "== 2/5 evaluate: mAP@1000 of the queries against the database, next to PQ on the same frozen features"
+echo "== 2/5 evaluate: mAP@1000 of the queries against the database, next to PQ on the pretrained features"
 "$BIN/mecoq" evaluate "$OUT" --map-k 1000 --baseline pq --feature-cache "$OUT/feature_cache" \
     --output "$OUT/metrics.json" --pr-curve "$OUT/pr_curve.png"
 

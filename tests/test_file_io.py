@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from file_modes import UMASKS, modes_not_following, process_umask
+from tiny_runs import TINY_MODEL
 
 from mecoq_hf import MeCoQConfig, MeCoQModel, file_io
 from mecoq_hf.data.sources import load_fashion_mnist
@@ -25,15 +26,7 @@ from mecoq_hf.retrieval.index import CodeIndex
 from mecoq_hf.retrieval.sidecar import IndexSidecar
 from mecoq_hf.training.trainer import TrainingArguments, train
 
-TINY = dict(
-    backbone="test_efficientnet",
-    backbone_weights=None,
-    image_size=32,
-    embedding_dim=16,
-    num_codebooks=2,
-    codebook_size=16,
-    memory_size=16,
-)
+TINY = {**TINY_MODEL, "memory_size": 16}
 
 
 def tiny_model() -> MeCoQModel:

@@ -32,6 +32,7 @@ from PIL import Image
 from real_data import require_foolbox_data
 from safetensors.torch import save_file
 from test_model_card import RUN_RECORD
+from tiny_runs import TINY_MODEL
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
 from mecoq_hf.hub import (
@@ -47,15 +48,7 @@ from mecoq_hf.models.mecoq.quantization import decode_codes, load_codebooks, sav
 from mecoq_hf.retrieval.index import CodeIndex
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    backbone="test_efficientnet",
-    backbone_weights=None,
-    image_size=32,
-    embedding_dim=16,
-    num_codebooks=2,
-    codebook_size=16,
-    memory_size=8,
-)
+TINY = {**TINY_MODEL, "memory_size": 8}
 _repo_counter = itertools.count()
 
 

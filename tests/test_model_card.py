@@ -15,20 +15,12 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
-from tiny_runs import tiny_run_config
+from tiny_runs import TINY_MODEL, tiny_run_config
 
 from mecoq_hf import MeCoQConfig, cli
 from mecoq_hf.model_card import MeCoQModelCardData, build_model_card
 
-TINY_CONFIG = dict(
-    backbone="test_efficientnet",
-    backbone_weights=None,
-    image_size=32,
-    embedding_dim=16,
-    num_codebooks=2,
-    codebook_size=16,
-    memory_size=8,
-)
+TINY_CONFIG = {**TINY_MODEL, "memory_size": 8}
 
 
 # cards from hand-written run records

@@ -15,19 +15,12 @@ import timm
 import torch
 from file_modes import UMASKS, modes_not_following, process_umask
 from safetensors import safe_open
+from tiny_runs import TINY_MODEL
 from transformers import AutoImageProcessor, AutoModel
 
 from mecoq_hf import MeCoQConfig, MeCoQImageProcessor, MeCoQModel, load_codebooks
 
-TINY = dict(
-    backbone="test_efficientnet",
-    backbone_weights=None,
-    image_size=32,
-    embedding_dim=16,
-    num_codebooks=2,
-    codebook_size=16,
-    memory_size=8,
-)
+TINY = {**TINY_MODEL, "memory_size": 8}
 
 
 def tiny_model(preset: str = "paper", **overrides) -> MeCoQModel:

@@ -6,20 +6,13 @@ import math
 import warnings
 
 import pytest
+from tiny_runs import TINY_MODEL
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
 from mecoq_hf.training import TrainingArguments
 from mecoq_hf.training.optimization import build_optimizer, build_scheduler, learning_rate_factor
 
-TINY = dict(
-    backbone="test_efficientnet",
-    backbone_weights=None,
-    image_size=32,
-    embedding_dim=16,
-    num_codebooks=2,
-    codebook_size=16,
-    backbone_trainable=1,
-)
+TINY = {**TINY_MODEL, "backbone_trainable": 1}
 
 
 @pytest.fixture(scope="module")

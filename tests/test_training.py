@@ -16,6 +16,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
+from tiny_runs import TINY_MODEL
 
 from mecoq_hf import MeCoQConfig, MeCoQModel
 from mecoq_hf.data.sources import load_fashion_mnist
@@ -27,16 +28,7 @@ from mecoq_hf.training import RunFolder, TrainingArguments, train, train_on_spli
 from mecoq_hf.training.checkpoints import list_checkpoints
 from mecoq_hf.training.optimization import learning_rate_factor
 
-TINY = dict(
-    backbone="test_efficientnet",
-    backbone_weights=None,
-    image_size=32,
-    embedding_dim=16,
-    num_codebooks=2,
-    codebook_size=16,
-    memory_size=16,
-    memory_start_epoch=1,
-)
+TINY = {**TINY_MODEL, "memory_size": 16, "memory_start_epoch": 1}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The run config of the tiny real training runs that CLI-level tests start with `mecoq train --config`.
+"""The tiny model of the tests, and the run config of the tiny real training runs that CLI-level tests start
+with `mecoq train --config`.
 
 timm's `test_efficientnet` (random weights) at 32 px, 16 bits (M = 2, K = 256), one epoch over 64 real
 Fashion-MNIST images, 20 queries and 20 validation queries: about 10 s on two cores. Plain functions, imported
@@ -10,6 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+
+# MeCoQConfig settings of a tiny model: timm's `test_efficientnet` (random weights), 32 px, M = 2, K = 16.
+TINY_MODEL = {
+    "backbone": "test_efficientnet",
+    "backbone_weights": None,
+    "image_size": 32,
+    "embedding_dim": 16,
+    "num_codebooks": 2,
+    "codebook_size": 16,
+}
 
 TINY_RUN = {
     "model": {
@@ -48,4 +59,4 @@ def tiny_run_config(
     return yaml.safe_dump(sections, sort_keys=False)
 
 
-__all__ = ["TINY_RUN", "tiny_run_config"]
+__all__ = ["TINY_MODEL", "TINY_RUN", "tiny_run_config"]
