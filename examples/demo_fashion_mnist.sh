@@ -34,7 +34,7 @@ echo "== 3/5 index the 10,000 test images (4 bytes each)"
 echo "== 4/5 search with an image the index has never seen (the first training image)"
 "$BIN/python" - "$OUT/query.png" <<'PY'
 import sys
-from mecoq_hf.data import load_fashion_mnist
+from mecoq_hf.data.sources import load_fashion_mnist
 load_fashion_mnist("train", limit=1)[0]["image"].save(sys.argv[1])
 PY
 "$BIN/mecoq" search "$OUT/index.safetensors" --model "$OUT" --image "$OUT/query.png" --top-k 10 --grid "$OUT/search.png"
