@@ -123,7 +123,9 @@ def test_train_with_progress_shows_one_bar_per_phase_and_no_transformers_bars(co
     assert "4/4" in training and "loss=" in training  # 2 epochs x 2 steps
     assert "embed dataset" not in err  # the passes over the images count into their phase's bar
     phases = {line.split(":")[0] for line in err.splitlines() if BAR.search(line)}
-    assert phases == {"caching views", "validation features", "training"}
+    # mecoq train's default trains the backbone's last group: each validation runs it over the cached trunk
+    # outputs, in a bar of its own
+    assert phases == {"caching views", "validation features", "training", "validation"}
     assert not re.search(r"^(caching views|validation features|training): ", out, re.MULTILINE)
     assert re.search(r"^epoch 1: validation mAP@100 0\.\d{4} \(best .*\) in \d", out, re.MULTILINE)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -69,10 +70,10 @@ def test_non_finite_settings_are_refused_before_anything_runs(scratch, capsys, f
 
 
 def test_weights_that_blow_up_stop_the_run_before_any_save(scratch, capsys):
-    # A finite but absurd learning rate: the weights overflow to infinity in step 3 (the loss stays finite).
-    status, out, err = run_cli(
-        [*TRAIN, "--learning-rate", "1e38", "--epochs", "2", "--max-steps", "3"], capsys
-    )
+    # A finite but absurd learning rate: with a frozen backbone the weights overflow to infinity in step 3
+    # (the loss stays finite).
+    flags = ["--learning-rate", "1e38", "--epochs", "2", "--max-steps", "3", "--backbone-trainable", "frozen"]
+    status, out, err = run_cli([*TRAIN, *flags], capsys)
     assert status == 2 and "Trained model saved" not in out
     assert "Training stopped at step 3: the weights (projection.weight) became NaN or infinite" in err
     assert "--learning-rate" in err
@@ -100,6 +101,19 @@ def test_a_second_run_into_a_folder_being_trained_is_refused_and_changes_nothing
     assert (folder / "splits.json").read_text() == '{"first": "run"}'
     status, out, _ = run_cli(TRAIN, capsys)  # free again
     assert status == 0 and "Trained model saved" in out and not (folder / ".mecoq-train.lock").exists()
+
+
+def test_a_loss_that_overflows_from_huge_weights_blames_the_learning_rate(scratch, capsys):
+    # With the default trainable tail the same learning rate leaves the weights finite but huge, and the loss
+    # overflows first: the message must still say the learning rate is too high, not "raise temperature".
+    status, out, err = run_cli(
+        [*TRAIN, "--learning-rate", "1e38", "--epochs", "2", "--max-steps", "3"], capsys
+    )
+    assert status == 2 and "Trained model saved" not in out
+    assert "Training stopped: the loss became nan at step" in err
+    assert re.search(r"the weights grew to [\d.e+]+ \([\w.]+\): the learning rate is too high", err), err
+    assert "Lower --learning-rate" in err and "Raise model.temperature" not in err
+    assert not (scratch / "run" / "model.safetensors").exists()
 
 
 def test_a_non_finite_loss_names_its_step_and_cause(scratch, capsys):

@@ -121,6 +121,10 @@ def train_on_splits(
     return train(config, args, splits["train"], validation, database, accelerator=accelerator)
 
 
+# A trained weight this large means the run diverged (they start within a few units of 0).
+DIVERGED_WEIGHT = 1e6
+
+
 class _TrainingLoop:
     """The state of one `train` call and its steps: prepare, train an epoch, end an epoch, finish."""
 
@@ -225,10 +229,12 @@ class _TrainingLoop:
         """Log and raise `FloatingPointError` naming the step, its learning rate and the likely cause."""
         step, lr = self.state.global_step + 1, self.scheduler.get_last_lr()[0]
         broken = non_finite_parameter(self.network)
-        if broken is not None:
+        name, size = _largest_weight(self.network)
+        if broken is not None or size > DIVERGED_WEIGHT:
+            what = f"were already NaN or infinite ({broken})" if broken else f"grew to {size:.3g} ({name})"
             cause = (
-                f"the weights ({broken}) were already NaN or infinite: the learning rate is too high. Lower "
-                "--learning-rate (training.learning_rate)"
+                f"the weights {what}: the learning rate is too high. Lower --learning-rate "
+                "(training.learning_rate)"
             )
         else:
             cause = (
@@ -363,6 +369,14 @@ class _TrainingLoop:
             state.history,
             self.stopped_early,
         )
+
+
+def _largest_weight(network: torch.nn.Module) -> tuple[str, float]:
+    """(name, largest |value|) over the finite entries of the trainable parameters."""
+    trained = [(name, value) for name, value in network.named_parameters() if value.requires_grad]
+    sizes = {name: float(value.detach().nan_to_num(0.0, 0.0, 0.0).abs().max()) for name, value in trained}
+    name = max(sizes, key=sizes.get, default="")
+    return name, sizes.get(name, 0.0)
 
 
 def _channels_last_trunk(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
