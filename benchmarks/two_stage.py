@@ -21,29 +21,11 @@ from datasets import Dataset
 from mecoq_hf.data.transforms import build_train_transform
 from mecoq_hf.feature_cache import CachedViewPairs, compute_view_features
 from mecoq_hf.models.mecoq.configuration_mecoq import MeCoQConfig
-from mecoq_hf.models.mecoq.losses import debiased_contrastive_loss
 from mecoq_hf.models.mecoq.modeling_mecoq import MeCoQModel
 from mecoq_hf.retrieval.baselines import make_baseline
 from mecoq_hf.retrieval.metrics import mean_average_precision
 from mecoq_hf.training.arguments import TrainingArguments
 from mecoq_hf.training.optimization import build_optimizer, build_scheduler
-
-
-def contrastive_loss_on_z(model: MeCoQModel, z_1: torch.Tensor, z_2: torch.Tensor) -> torch.Tensor:
-    """MeCoQ's contrastive term with the preset's settings, on embeddings instead of reconstructions."""
-    config = model.config
-    return debiased_contrastive_loss(
-        z_1,
-        z_2,
-        None,
-        temperature=config.temperature,
-        pos_prior=config.pos_prior,
-        debias=config.loss_mode == "debias",
-        reduction=config.contrastive_reduction,
-        count_memory=config.debias_count_memory,
-        floor=config.debias_floor,
-        normalize_memory=config.normalize_memory,
-    )
 
 
 class TwoStage:
@@ -113,7 +95,7 @@ class TwoStage:
                         memory_format=torch.channels_last)) for key in keys)  # fmt: skip
                 else:
                     first, second = batch[keys[0]], batch[keys[1]]
-                loss = contrastive_loss_on_z(model, model.project(first), model.project(second))
+                loss = model.contrastive_term(model.project(first), model.project(second))  # on z, no memory
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -132,4 +114,4 @@ class TwoStage:
                 "train_seconds": time.perf_counter() - started}  # fmt: skip
 
 
-__all__ = ["TwoStage", "contrastive_loss_on_z"]
+__all__ = ["TwoStage"]

@@ -312,6 +312,26 @@ class MeCoQModel(MeCoQPreTrainedModel):
         with torch.autocast(device_type=quantized.device.type, enabled=False):
             return self._loss(quantized, quantized_2, assignments, assignments_2, use_memory)
 
+    def contrastive_term(
+        self, view_1: torch.Tensor, view_2: torch.Tensor, memory_vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The debiased contrastive loss with this model's settings (docs/method.md §4) on two views' (B, d)
+        vectors: their soft reconstructions in `loss`; anything else of that shape for other uses (the
+        two-stage benchmark contrasts the embeddings z)."""
+        config = self.config
+        return debiased_contrastive_loss(
+            view_1,
+            view_2,
+            memory_vectors,
+            temperature=config.temperature,
+            pos_prior=config.pos_prior,
+            debias=config.loss_mode == "debias",
+            reduction=config.contrastive_reduction,
+            count_memory=config.debias_count_memory,
+            floor=config.debias_floor,
+            normalize_memory=config.normalize_memory,
+        )
+
     def _loss(
         self,
         quantized: torch.Tensor,
@@ -324,18 +344,7 @@ class MeCoQModel(MeCoQPreTrainedModel):
         memory_vectors = None
         if use_memory and self.memory.num_filled > 0:
             memory_vectors = self.quantizer.reconstruct_soft(self.memory.soft_codes())  # (N_M, d)
-        contrastive = debiased_contrastive_loss(
-            quantized,
-            quantized_2,
-            memory_vectors,
-            temperature=config.temperature,
-            pos_prior=config.pos_prior,
-            debias=config.loss_mode == "debias",
-            reduction=config.contrastive_reduction,
-            count_memory=config.debias_count_memory,
-            floor=config.debias_floor,
-            normalize_memory=config.normalize_memory,
-        )
+        contrastive = self.contrastive_term(quantized, quantized_2, memory_vectors)
         entropy = assignment_entropy(torch.cat([assignments, assignments_2]))
         diversity = codeword_diversity(self.quantizer.normalized_codebooks())
         total = contrastive + config.entropy_weight * entropy + config.codeword_reg_weight * diversity
