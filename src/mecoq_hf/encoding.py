@@ -9,8 +9,9 @@ does the same for a normal-form image dataset (`data.py`) with the model's evalu
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -65,6 +66,19 @@ def _split_batch(batch: Any) -> dict[str, torch.Tensor]:
 def _model_device(model: Any) -> torch.device:
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def module_mode(module: torch.nn.Module, training: bool | None = None) -> Iterator[None]:
+    """Run the block with `module` in training (True) or eval (False) mode, or as it is (None), and put it
+    back in the mode it had afterwards, also when the block raises."""
+    was_training = module.training
+    if training is not None:
+        module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def non_finite_parameter(model: Any) -> str | None:
@@ -223,14 +237,10 @@ def embed_images(model: Any, images: Sequence[Any]) -> torch.Tensor:
 
     transform = build_eval_transform(model.backbone.data_config)
     pixel_values = torch.stack([transform(image) for image in images])  # (n, 3, H, W)
-    was_training = model.training
-    model.eval()
-    try:
+    with module_mode(model, training=False):
         embeddings = model.embed(pixel_values.to(_model_device(model))).cpu()
-        _refuse_non_finite(model, embeddings)
-        return embeddings
-    finally:
-        model.train(was_training)
+    _refuse_non_finite(model, embeddings)
+    return embeddings
 
 
 @torch.no_grad()
@@ -291,6 +301,7 @@ __all__ = [
     "embed_images",
     "encode_dataset",
     "encode_images",
+    "module_mode",
     "non_finite_parameter",
     "quantize_embeddings",
     "save_encoded",

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .data.loaders import ImageDataset, collate_eval, make_eval_dataloader
-from .encoding import EncodedDataset, encode_dataset
+from .encoding import EncodedDataset, encode_dataset, module_mode
 from .file_io import write_atomic
 from .progress import phase
 
@@ -104,14 +104,11 @@ def _encode(
     show_progress_bar: bool,
 ) -> EncodedDataset:
     """Run the backbone (or its trunk) over `loader`, then put the backbone back in the caller's mode."""
-    was_training = backbone.training
     encoder = _BackboneAsEncoder(backbone, train_mode=train_mode, trunk=trunk)
-    try:
+    with module_mode(backbone):  # `encode_dataset` switches it to eval, and `train_mode` back
         encoded = encode_dataset(
             encoder, loader, accelerator, method="embed", show_progress_bar=show_progress_bar
         )
-    finally:
-        backbone.train(was_training)
     return encoded._replace(outputs=encoded.outputs.to(_storage_dtype(storage_dtype)))
 
 
@@ -200,13 +197,8 @@ def view_cache_shape(
     """(N, V, ...) the shape `compute_view_features` will return, from one image through the backbone."""
     item = ImageDataset(dataset.select(range(1)), view_transform)[0]
     pixel_values = item["pixel_values"].unsqueeze(0)  # (1, 3, H, W)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            output = backbone.forward_trunk(pixel_values) if trunk else backbone(pixel_values)
-    finally:
-        backbone.train(was_training)
+    with module_mode(backbone, training=False), torch.no_grad():
+        output = backbone.forward_trunk(pixel_values) if trunk else backbone(pixel_values)
     return (len(dataset), num_views, *output.shape[1:])
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..encoding import EncodedDataset, embed_features, quantize_embeddings
+from ..encoding import EncodedDataset, embed_features, module_mode, quantize_embeddings
 from ..feature_cache import compute_eval_features
 from ..file_io import read_json, write_json
 from ..models.mecoq.quantization import check_codebooks, check_codes
@@ -280,13 +280,9 @@ def _model_scores(
 ) -> CodeScores:
     """Scores of the model's query embeddings against its database codes, from backbone features (N, F);
     the model runs in eval mode (its mode is restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with module_mode(model, training=False):
         query_embeddings = embed_features(model, query_features)  # (Q, d)
         database_codes = quantize_embeddings(model, embed_features(model, database_features))  # (N, M)
-    finally:
-        model.train(was_training)
     return CodeScores(query_embeddings, database_codes, model.normalized_codebooks().detach().cpu(), settings)
 
 

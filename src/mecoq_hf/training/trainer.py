@@ -26,7 +26,7 @@ from datasets import Dataset, DatasetDict
 
 from ..data.loaders import make_train_dataloader
 from ..data.transforms import build_train_transform
-from ..encoding import non_finite_parameter
+from ..encoding import module_mode, non_finite_parameter
 from ..feature_cache import CachedViewPairs, compute_eval_features, compute_view_features
 from ..models.mecoq.configuration_mecoq import MeCoQConfig
 from ..models.mecoq.modeling_mecoq import MeCoQModel
@@ -481,9 +481,7 @@ def _init_codebooks_by_kmeans(
             f"embeddings, but the training set has only {len(dataset)} images. Use more training images or "
             "codebook_init='random'."
         )
-    was_training = model.training
-    model.eval()
-    try:
+    with module_mode(model, training=False):
         views = getattr(loader.dataset, "view_features", None)  # (N, V, ...) cached views, if any
         if views is None:
             inputs = compute_eval_features(model.backbone, [dataset], batch_size=args.batch_size,
@@ -496,8 +494,6 @@ def _init_codebooks_by_kmeans(
         device = model.projection.weight.device
         embeddings = torch.cat([model.project(forward(chunk.to(device).float())).cpu()
                                 for chunk in inputs.split(1024)])  # fmt: skip  # (N, d)
-    finally:
-        model.train(was_training)
     accelerator.print(
         f"Initialising the codebooks by spherical k-means on {len(embeddings)} projected training embeddings "
         f"({model.config.num_codebooks} x {size} codewords)."

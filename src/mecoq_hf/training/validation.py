@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 
-from ..encoding import EncodedDataset
+from ..encoding import EncodedDataset, module_mode
 from ..feature_cache import compute_eval_features
 from ..models.mecoq.modeling_mecoq import MeCoQModel
 from ..progress import phase, show_mode
@@ -89,10 +89,8 @@ class ValidationSet(RetrievalEvaluator):
 @torch.no_grad()
 def _tail_features(network: MeCoQModel, trunk_outputs: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """(N, F) pooled features of the backbone's tail in eval mode on (N, ...) trunk outputs, on the CPU."""
-    was_training = network.training
-    network.eval()
     device = network.projection.weight.device
-    try:
+    with module_mode(network, training=False):
         # channels-last trunk outputs on a CPU: the tail's convolutions run about twice as fast
         layout = torch.channels_last if device.type == "cpu" and trunk_outputs.ndim == 4 else None
         features = []
@@ -100,9 +98,7 @@ def _tail_features(network: MeCoQModel, trunk_outputs: torch.Tensor, chunk_size:
             chunk = chunk.to(device).float()
             chunk = chunk.contiguous(memory_format=layout) if layout is not None else chunk
             features.append(network.backbone.forward_tail(chunk).cpu())
-        return torch.cat(features)
-    finally:
-        network.train(was_training)
+    return torch.cat(features)
 
 
 __all__ = ["ValidationSet"]
