@@ -212,6 +212,8 @@ class RetrievalEvaluator:
         accelerator: Accelerator | None = None,
         *,
         cache_dir: str | os.PathLike | None = None,
+        trunk: bool = False,
+        storage_dtype: str = "float32",
     ) -> tuple[EncodedDataset, EncodedDataset]:
         """Labelled backbone features (query, database) of the two splits; the kept ones if `keep_features`
         was called (whatever `backbone` is then: keep them only for the frozen backbone of every model).
@@ -220,12 +222,15 @@ class RetrievalEvaluator:
             backbone: the backbone to run (`model.backbone`, or a pretrained one for a baseline).
             accelerator: split the extraction over its processes (every process gets the full result).
             cache_dir: keep and reuse the features on disk (`feature_cache.compute_features`).
+            trunk, storage_dtype: the outputs of the backbone's frozen trunk instead of pooled features, and
+                their storage precision (`feature_cache.compute_features`).
         """
         if self._kept is not None:
             return self._kept
         queries, database = compute_eval_features(
             backbone, (self.queries, self.database), batch_size=self.batch_size, num_workers=self.num_workers,
-            accelerator=accelerator, show_progress_bar=self.show_progress_bar, cache_dir=cache_dir,
+            accelerator=accelerator, trunk=trunk, storage_dtype=storage_dtype,
+            show_progress_bar=self.show_progress_bar, cache_dir=cache_dir,
         )  # fmt: skip
         return queries, database
 

@@ -13,7 +13,6 @@ from accelerate import Accelerator
 from datasets import Dataset
 
 from ..encoding import EncodedDataset, module_mode
-from ..feature_cache import compute_eval_features
 from ..models.mecoq.modeling_mecoq import MeCoQModel
 from ..progress import phase, show_mode
 from ..retrieval.evaluation import RetrievalEvaluator
@@ -65,12 +64,10 @@ class ValidationSet(RetrievalEvaluator):
             if not backbone.is_trainable:
                 self.keep_features(backbone, accelerator, cache_dir=cache_dir)
             else:
-                queries, database = compute_eval_features(
-                    backbone, (self.queries, self.database), batch_size=self.batch_size,
-                    num_workers=self.num_workers, accelerator=accelerator, trunk=True,
-                    storage_dtype=storage_dtype, show_progress_bar=False, cache_dir=cache_dir,
-                )  # fmt: skip
-                self._trunk_outputs = queries, database
+                self._kept = None  # `features` would return the tail features of an earlier epoch
+                self._trunk_outputs = self.features(
+                    backbone, accelerator, cache_dir=cache_dir, trunk=True, storage_dtype=storage_dtype
+                )
 
     def mean_average_precision(self, model: torch.nn.Module, accelerator: Accelerator) -> float:
         """mAP@top_k of the (possibly wrapped) model being trained."""
