@@ -211,17 +211,14 @@ def resolve_run_settings(
     file = read_config_file(config_file) if config_file is not None else {}
     preset = preset or file.get("preset")
     sections = {section: dict(file.get(section) or {}) for section in SECTIONS}
-    for section in defaults or {}:
-        if section not in SECTIONS:
-            raise ValueError(f"Unknown settings section {section!r}; use one of {SECTIONS}.")
+    _check_sections(defaults or {})
+    _check_sections(overrides or {})
     layers = {section: dict((defaults or {}).get(section) or {}) for section in SECTIONS}
     if preset:
         layers["model"].update(MeCoQConfig.preset_settings(preset))
         layers["training"].update(training_preset_settings(preset))
     sections = {section: {**layers[section], **sections[section]} for section in SECTIONS}
     for section, values in (overrides or {}).items():
-        if section not in SECTIONS:
-            raise ValueError(f"Unknown settings section {section!r}; use one of {SECTIONS}.")
         sections[section].update(values)
     if bits is not None:
         _apply_bits(sections["model"], bits, "embedding_dim" in ((overrides or {}).get("model") or {}))
@@ -264,15 +261,11 @@ _ALWAYS_SHOWN = ("learning_rate", "batch_size", "num_epochs", "weight_decay", "t
 def describe_run_settings(settings: RunSettings, preset: str | None = None) -> str:
     """The resolved settings of a run, a few lines to show when it starts: the model settings that differ
     from `MeCoQConfig()`, the main training arguments and every other one that differs from its default."""
-    from transformers import PreTrainedConfig
-
     config, training, data = settings
-    base = {item.name for item in dataclasses.fields(PreTrainedConfig)}
     model_defaults = MeCoQConfig()
-    names = [item.name for item in dataclasses.fields(MeCoQConfig) if item.name not in base]
     model = {
         name: getattr(config, name)
-        for name in names
+        for name in _field_types("model")  # MeCoQConfig's own fields, in declaration order
         if getattr(config, name) != getattr(model_defaults, name)
     }
     training_defaults = TrainingArguments(output_dir=training.output_dir)
@@ -288,6 +281,12 @@ def describe_run_settings(settings: RunSettings, preset: str | None = None) -> s
         f"{header}; model: what differs from the defaults):\n  model: {listed(model)}\n"
         f"  training: {listed(run)}\n  output: {training.output_dir}"
     )
+
+
+def _check_sections(layer: Mapping[str, Any]) -> None:
+    for section in layer:
+        if section not in SECTIONS:
+            raise ValueError(f"Unknown settings section {section!r}; use one of {SECTIONS}.")
 
 
 def _require(sections: dict[str, dict[str, Any]]) -> None:
