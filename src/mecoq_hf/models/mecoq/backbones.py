@@ -313,26 +313,28 @@ class TimmBackbone(nn.Module):
         if self.trainable in ("frozen", "all", 0):
             return False
         try:
-            return 0 < self._trunk_length() < len(self._steps())
+            steps = self._steps()
         except ValueError:
             return False
+        return 0 < self._trunk_length(steps) < len(steps)
 
     def _steps(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
         return _forward_steps(self.model)
 
-    def _trunk_length(self) -> int:
-        """Number of leading forward steps without a trainable parameter (the frozen trunk)."""
+    def _trunk_length(self, steps: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]) -> int:
+        """Number of leading `steps` (`_steps()`) without a trainable parameter (the frozen trunk)."""
         trainable = [name for name, parameter in self.model.named_parameters() if parameter.requires_grad]
-        for index, (name, _) in enumerate(self._steps()):
+        for index, (name, _) in enumerate(steps):
             if name and any(parameter.startswith(f"{name}.") for parameter in trainable):
                 return index
-        return len(self._steps())
+        return len(steps)
 
     @property
     def tail_start(self) -> str:
         """The name of the first module of the trainable tail (e.g. "blocks.6.0", "pre_logits.fc2"); it also
         names the trunk's output in feature-cache keys."""
-        steps, length = self._steps(), self._trunk_length()
+        steps = self._steps()
+        length = self._trunk_length(steps)
         return steps[length][0] if length < len(steps) else ""
 
     def forward_trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -361,7 +363,7 @@ class TimmBackbone(nn.Module):
 
     def _require_trunk(self) -> tuple[list, int]:
         steps = self._steps()
-        length = self._trunk_length()
+        length = self._trunk_length(steps)
         if not 0 < length < len(steps):
             raise ValueError(
                 f"'{self.name}' with trainable={self.trainable!r} has no frozen trunk before a trainable "
