@@ -150,7 +150,7 @@ def compute_features(
                        storage_dtype=storage_dtype, show_progress_bar=show_progress_bar)  # fmt: skip
 
     settings = {"train_mode": train_mode, **_describe_output(backbone, trunk, storage_dtype)}
-    return _cached(cache_dir, "features", backbone, dataset, settings, compute)
+    return _cached(_cache_path(cache_dir, "features", backbone, dataset, settings), compute)
 
 
 def compute_eval_features(
@@ -276,23 +276,16 @@ def compute_view_features(
         say(f"Using the {num_views} cached views of {len(dataset)} images in {path}.")
     show = "bar" if show_progress_bar and (accelerator is None or accelerator.is_main_process) else "off"
     with phase("caching views", num_views * len(dataset), show=show):  # one bar for all the views
-        return _cached(cache_dir, "views", backbone, dataset, settings, compute).outputs
+        return _cached(path, compute).outputs
 
 
-def _cached(
-    cache_dir: str | os.PathLike | None,
-    kind: str,
-    backbone: nn.Module,
-    dataset: Dataset,
-    settings: dict[str, Any],
-    compute: Callable[[], EncodedDataset],
-) -> EncodedDataset:
-    """Load `kind` features from `cache_dir` when present, else compute and store them (atomically)."""
-    if cache_dir is None:
+def _cached(path: Path | None, compute: Callable[[], EncodedDataset]) -> EncodedDataset:
+    """Load the features at `path` (`_cache_path`) when present, else compute and store them there
+    (atomically); without a path, just compute them."""
+    if path is None:
         return compute()
     from safetensors.torch import load_file, save_file
 
-    path = _cache_path(cache_dir, kind, backbone, dataset, settings)
     if path.is_file():
         tensors = load_file(str(path))
         return EncodedDataset(tensors["outputs"], tensors.get("labels"), tensors.get("ids"))
@@ -305,6 +298,8 @@ def _cached(
 def _cache_path(
     cache_dir: str | os.PathLike | None, kind: str, backbone: nn.Module, dataset: Dataset, settings: dict
 ) -> Path | None:
+    """Where `kind` features of `backbone` on `dataset` with `settings` are kept (its key hashes the
+    backbone's weights: compute it once per call); None without a `cache_dir`."""
     if cache_dir is None:
         return None
     return Path(cache_dir) / f"{kind}-{_cache_key(backbone, dataset, settings)}.safetensors"
